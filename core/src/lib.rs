@@ -1,0 +1,11 @@
+//! mesh-core: what every proxy of the mesh shares.
+//!
+//! Owns workload identity and certificates, the mesh's TLS policy, HBONE (client pool and
+//! server), the drain primitive, and the admin/metrics/readiness servers. It must not know
+//! about any one proxy's config model, policy or routing: those live in `ztunnel` and
+//! `waypoint`, which depend on this crate and never on each other.
+
+pub mod identity;
+pub mod tls;
+
+pub use identity::Identity;

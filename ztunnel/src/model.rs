@@ -1,0 +1,194 @@
+//! The ztunnel's config model: workloads, services, policies and peer authentication,
+//! validated and indexed. Every config source (local file now, xDS later) converts into
+//! a `Snapshot`; the data path reads only snapshots, never source types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use mesh_core::Identity;
+use serde::Serialize;
+
+use crate::policy::Policies;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// How a workload receives traffic: over HBONE (enrolled in the mesh) or plain TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "HBONE")]
+    Hbone,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    pub protocol: Protocol,
+    pub labels: Labels,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        // Names were validated when the snapshot was built.
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+            .unwrap_or_else(|_| unreachable_identity())
+    }
+}
+
+fn unreachable_identity() -> Identity {
+    Identity::new("invalid", "invalid", "invalid").expect("constant identity is valid")
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Workload uids, resolved from the service's selector.
+    pub endpoints: Vec<String>,
+}
+
+impl Service {
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    Strict,
+    Permissive,
+}
+
+/// PeerAuthentication resolved to its three levels, most specific first when looked up.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PeerAuthentication {
+    pub mesh: Option<MtlsMode>,
+    pub namespaces: BTreeMap<String, MtlsMode>,
+    /// (namespace, selector labels, mode)
+    pub workloads: Vec<(String, Labels, MtlsMode)>,
+}
+
+impl PeerAuthentication {
+    pub fn mode_for(&self, w: &Workload) -> MtlsMode {
+        let selected = self
+            .workloads
+            .iter()
+            .find(|(ns, sel, _)| *ns == w.namespace && labels_match(sel, &w.labels));
+        selected
+            .map(|(_, _, m)| *m)
+            .or_else(|| self.namespaces.get(&w.namespace).copied())
+            .or(self.mesh)
+            .unwrap_or(MtlsMode::Permissive)
+    }
+}
+
+/// Kubernetes `matchLabels` semantics: every selector label present with the same value.
+pub fn labels_match(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// One immutable, indexed view of the whole config, swapped whole on every change.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub trust_domain: String,
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
+    pub policies: Policies,
+    pub peer_authentication: PeerAuthentication,
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    #[serde(skip)]
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    #[serde(skip)]
+    by_host: HashMap<String, Arc<Service>>,
+}
+
+impl Snapshot {
+    pub fn new(
+        trust_domain: String,
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Policies,
+        peer_authentication: PeerAuthentication,
+    ) -> Self {
+        let workloads: BTreeMap<String, Arc<Workload>> = workloads
+            .into_iter()
+            .map(|w| (w.uid.clone(), Arc::new(w)))
+            .collect();
+        let by_ip = workloads
+            .values()
+            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
+            .collect();
+        let services: Vec<Arc<Service>> = services.into_iter().map(Arc::new).collect();
+        let by_vip = services
+            .iter()
+            .flat_map(|s| s.vips.iter().map(move |ip| (*ip, s.clone())))
+            .collect();
+        let by_host = services
+            .iter()
+            .map(|s| (s.hostname.clone(), s.clone()))
+            .collect();
+        Snapshot {
+            trust_domain,
+            workloads,
+            services,
+            policies,
+            peer_authentication,
+            by_ip,
+            by_vip,
+            by_host,
+        }
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// Looks a service up by hostname: full (`echo.default.svc.cluster.local`) or short
+    /// forms `name.namespace` and `name.namespace.svc`.
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.by_host.get(host).or_else(|| {
+            self.services.iter().find(|s| {
+                let short = format!("{}.{}", s.name, s.namespace);
+                host == short || host == format!("{short}.svc")
+            })
+        })
+    }
+
+    /// Workloads served by the ztunnel of `node`.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+}

@@ -1,0 +1,3 @@
+//! placeholder: being written
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Policies {}

@@ -5,7 +5,11 @@
 //! about any one proxy's config model, policy or routing: those live in `ztunnel` and
 //! `waypoint`, which depend on this crate and never on each other.
 
+pub mod drain;
+pub mod hbone;
 pub mod identity;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 
 pub use identity::Identity;

@@ -1,0 +1,116 @@
+//! The one drain primitive of the mesh: stop accepting, let work finish up to a deadline,
+//! then force whatever is left to close.
+//!
+//! Every listener and connection task holds a `Drain`. The trigger knows the work is over
+//! when every `Drain` clone has been dropped.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Running,
+    Draining,
+    Forced,
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every task finished before the deadline.
+    Graceful,
+    /// The deadline passed; remaining tasks were told to close now.
+    Forced,
+}
+
+/// Held by tasks: tells them when to stop accepting and when to close at once.
+#[derive(Clone, Debug)]
+pub struct Drain {
+    rx: watch::Receiver<Phase>,
+}
+
+/// Held by the owner of the tasks; starts the drain.
+#[derive(Debug)]
+pub struct DrainTrigger {
+    tx: watch::Sender<Phase>,
+}
+
+pub fn new() -> (DrainTrigger, Drain) {
+    let (tx, rx) = watch::channel(Phase::Running);
+    (DrainTrigger { tx }, Drain { rx })
+}
+
+impl Drain {
+    /// Resolves once draining has started (stop accepting, send GOAWAY).
+    pub async fn signaled(&self) {
+        self.reached(Phase::Draining).await
+    }
+
+    /// Resolves once the deadline has passed (close now).
+    pub async fn forced(&self) {
+        self.reached(Phase::Forced).await
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.rx.borrow() >= Phase::Draining
+    }
+
+    async fn reached(&self, phase: Phase) {
+        let mut rx = self.rx.clone();
+        // An error means the trigger is gone: treat as forced so nothing waits forever.
+        let _ = rx.wait_for(|p| *p >= phase).await;
+    }
+}
+
+impl DrainTrigger {
+    /// Starts draining and waits for every `Drain` to be dropped, up to `deadline`; after
+    /// it, forces the rest and gives them `grace` to go.
+    pub async fn drain(self, deadline: Duration, grace: Duration) -> DrainOutcome {
+        self.tx.send_replace(Phase::Draining);
+        if tokio::time::timeout(deadline, self.tx.closed()).await.is_ok() {
+            return DrainOutcome::Graceful;
+        }
+        self.tx.send_replace(Phase::Forced);
+        let _ = tokio::time::timeout(grace, self.tx.closed()).await;
+        DrainOutcome::Forced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn graceful_when_tasks_finish() {
+        let (trigger, drain) = new();
+        let task = tokio::spawn(async move {
+            drain.signaled().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(drain);
+        });
+        let out = trigger
+            .drain(Duration::from_secs(5), Duration::from_secs(1))
+            .await;
+        assert_eq!(out, DrainOutcome::Graceful);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn forced_after_deadline() {
+        let (trigger, drain) = new();
+        let stubborn = drain.clone();
+        let task = tokio::spawn(async move {
+            // Ignores the drain signal; leaves only when forced.
+            stubborn.forced().await;
+        });
+        drop(drain);
+        let started = std::time::Instant::now();
+        let out = trigger
+            .drain(Duration::from_millis(100), Duration::from_secs(1))
+            .await;
+        assert_eq!(out, DrainOutcome::Forced);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        task.await.unwrap();
+    }
+}

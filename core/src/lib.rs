@@ -5,6 +5,7 @@
 //! about any one proxy's config model, policy or routing: those live in `ztunnel` and
 //! `waypoint`, which depend on this crate and never on each other.
 
+pub mod admin;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

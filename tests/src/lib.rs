@@ -1,1 +1,4 @@
-//! placeholder
+//! mesh-tests: integration tests, the loopback harness that runs ztunnels as child
+//! processes, and the `mesh-bench` benchmarks. Nothing here is shipped.
+
+pub mod bench;

@@ -159,8 +159,8 @@ pub async fn serve(listener: TcpListener, routes: Routes, drain: Drain) {
                 let resp = routes.answer(&parts);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc);
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
             tokio::select! {
                 r = conn => if let Err(e) = r { debug!(%peer, "admin connection: {e}") },
                 _ = drain.signaled() => {}

@@ -68,7 +68,10 @@ impl DrainTrigger {
     /// it, forces the rest and gives them `grace` to go.
     pub async fn drain(self, deadline: Duration, grace: Duration) -> DrainOutcome {
         self.tx.send_replace(Phase::Draining);
-        if tokio::time::timeout(deadline, self.tx.closed()).await.is_ok() {
+        if tokio::time::timeout(deadline, self.tx.closed())
+            .await
+            .is_ok()
+        {
             return DrainOutcome::Graceful;
         }
         self.tx.send_replace(Phase::Forced);

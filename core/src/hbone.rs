@@ -95,7 +95,10 @@ pub enum HboneError {
     #[error("HTTP/2 with {addr}: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
     #[error("stream to {addr} reset: {reason:?}")]
-    Reset { addr: SocketAddr, reason: h2::Reason },
+    Reset {
+        addr: SocketAddr,
+        reason: h2::Reason,
+    },
     #[error("{addr} denied the tunnel ({status})")]
     Denied {
         addr: SocketAddr,

@@ -1,1 +1,39 @@
-fn main() {}
+//! meshctl: the operator's command line for the mesh.
+//!
+//! Owns argument parsing and the process exit code; each subcommand lives in its own module.
+//! It must not hold mesh logic of its own: subcommands drive the real binaries and APIs.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version, about = "Operate the ambient mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a two-node mesh on loopback, send traffic through it and show what happened.
+    Demo(demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(&args).await,
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("meshctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

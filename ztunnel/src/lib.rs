@@ -5,6 +5,14 @@
 //! certificates, L4 metrics and access logs. It must not parse HTTP inside tunnels (that is
 //! the waypoint's job) and depends only on `mesh-core`, never on `waypoint` or `controller`.
 
+pub mod app;
+pub mod certs;
+pub mod config;
+pub mod inbound;
+pub mod localfile;
 pub mod model;
+pub mod outbound;
 pub mod policy;
+pub mod proxy;
 pub mod socks5;
+pub mod telemetry;

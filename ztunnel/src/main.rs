@@ -1,1 +1,78 @@
-fn main() {}
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use ztunnel::config::{Config, Ports};
+
+/// ztunnel: the per-node L4 proxy of the ambient mesh (local mode).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Node whose workloads this ztunnel serves.
+    #[arg(long)]
+    node: String,
+    /// Local-mode config file (see examples/local-mesh.yaml); edits apply live.
+    #[arg(long)]
+    config: PathBuf,
+    /// Development CA certificate (PEM) that signs this node's workload certificates.
+    #[arg(long)]
+    ca_cert: PathBuf,
+    /// Development CA private key (PKCS#8 PEM).
+    #[arg(long)]
+    ca_key: PathBuf,
+    /// Address for node-level listeners (capture, plaintext inbound, SOCKS5, admin).
+    #[arg(long, default_value = "127.0.0.1")]
+    listen_ip: IpAddr,
+    #[arg(long, default_value_t = 15008)]
+    hbone_port: u16,
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = 15006)]
+    inbound_plaintext_port: u16,
+    #[arg(long, default_value_t = 15080)]
+    socks5_port: u16,
+    #[arg(long, default_value_t = 15000)]
+    admin_port: u16,
+    #[arg(long, default_value_t = 15020)]
+    metrics_port: u16,
+    #[arg(long, default_value_t = 15021)]
+    readiness_port: u16,
+    /// Workload certificate lifetime in seconds (renewed at half life).
+    #[arg(long, default_value_t = 86400)]
+    cert_lifetime_secs: u64,
+    /// SO_MARK for the ztunnel's own outgoing sockets, so capture rules can skip them.
+    #[arg(long)]
+    socket_mark: Option<u32>,
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    mesh_core::admin::init_logging();
+    let args = Args::parse();
+    let mut cfg = Config::new(&args.node, args.config, args.ca_cert, args.ca_key);
+    cfg.listen_ip = args.listen_ip;
+    cfg.ports = Ports {
+        hbone: args.hbone_port,
+        outbound: args.outbound_port,
+        inbound_plaintext: args.inbound_plaintext_port,
+        socks5: args.socks5_port,
+        admin: args.admin_port,
+        metrics: args.metrics_port,
+        readiness: args.readiness_port,
+    };
+    cfg.cert_lifetime = Duration::from_secs(args.cert_lifetime_secs);
+    cfg.hbone.socket_mark = args.socket_mark;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
+    rt.block_on(async {
+        let app = ztunnel::app::build(cfg).await?;
+        app.wait_termination().await;
+        Ok(())
+    })
+}

@@ -59,7 +59,7 @@ pub enum Action {
 
 /// Which workloads a policy covers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Scope {
     /// No selector, in the root namespace: every workload in the mesh.
     Mesh,
@@ -113,7 +113,10 @@ impl Policy {
         let rules = (spec.rules.into_iter())
             .map(|r| Rule::from_manifest(r, action, &id))
             .collect::<Result<Vec<_>, _>>()?;
-        let l7 = rules.iter().filter(|r| !r.l7_attributes().is_empty()).count();
+        let l7 = rules
+            .iter()
+            .filter(|r| !r.l7_attributes().is_empty())
+            .count();
         if l7 > 0 {
             tracing::info!(policy = %id, rules = l7, ?action, "L7 attributes ignored at the ztunnel");
         }
@@ -279,7 +282,10 @@ impl Policies {
     }
 
     /// Policies whose scope covers `dst`.
-    pub fn applicable<'a>(&'a self, dst: &'a Workload) -> impl Iterator<Item = &'a Policy> + 'a {
+    pub fn applicable<'a, 'w>(
+        &'a self,
+        dst: &'w Workload,
+    ) -> impl Iterator<Item = &'a Policy> + use<'a, 'w> {
         let local = self.by_namespace.get(dst.namespace.as_str());
         let local = local.map(Vec::as_slice).unwrap_or_default();
         (self.mesh_wide.iter().chain(local))
@@ -322,7 +328,7 @@ impl Policies {
     }
 
     /// The first AUDIT policy matching the connection, for access logs.
-    pub fn audit<'a>(&'a self, dst: &'a Workload, conn: &ConnInfo<'_>) -> Option<&'a Policy> {
+    pub fn audit(&self, dst: &Workload, conn: &ConnInfo<'_>) -> Option<&Policy> {
         let conn = conn.canonical();
         self.applicable(dst)
             .filter(|p| p.action == Action::Audit)

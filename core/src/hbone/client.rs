@@ -161,7 +161,8 @@ impl Pool {
         let addr = key.addr;
         let tcp = tcp_connect(addr, cfg).await?;
         let tls_cfg = cert.client_config(&key.dst)?;
-        let handshake = TlsConnector::from(tls_cfg).connect(ServerName::IpAddress(addr.ip().into()), tcp);
+        let handshake =
+            TlsConnector::from(tls_cfg).connect(ServerName::IpAddress(addr.ip().into()), tcp);
         let tls = tokio::time::timeout(cfg.handshake_timeout, handshake)
             .await
             .map_err(|_| HboneError::Timeout {
@@ -197,8 +198,12 @@ impl Pool {
     }
 
     /// Drives the HTTP/2 connection, pings it, and retires it when idle or used up.
-    fn spawn_driver<T>(&self, key: PoolKey, conn: Arc<Conn>, mut connection: h2::client::Connection<T, Bytes>)
-    where
+    fn spawn_driver<T>(
+        &self,
+        key: PoolKey,
+        conn: Arc<Conn>,
+        mut connection: h2::client::Connection<T, Bytes>,
+    ) where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let inner = self.inner.clone();
@@ -259,7 +264,9 @@ impl Pool {
 impl Conn {
     fn try_reserve(&self, max: u32) -> bool {
         self.opened
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| (o < max).then_some(o + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                (o < max).then_some(o + 1)
+            })
             .is_ok()
     }
 }
@@ -348,7 +355,9 @@ async fn open_stream(
     if let Some(b) = &req.baggage {
         builder = builder.header("baggage", b);
     }
-    let (response, stream) = send.send_request(builder.body(())?, false).map_err(h2_err)?;
+    let (response, stream) = send
+        .send_request(builder.body(())?, false)
+        .map_err(h2_err)?;
     let response = response.await.map_err(|source| match source.reason() {
         Some(reason) if source.is_remote() => HboneError::Reset { addr, reason },
         _ => HboneError::H2 { addr, source },

@@ -84,6 +84,8 @@ impl HboneMetrics {
     }
 
     pub fn rejected(&self, code: u16, reason: &'static str) {
-        self.rejected.get_or_create(&RejectLabels { code, reason }).inc();
+        self.rejected
+            .get_or_create(&RejectLabels { code, reason })
+            .inc();
     }
 }

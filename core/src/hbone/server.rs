@@ -40,7 +40,9 @@ pub struct InboundRequest {
 impl InboundRequest {
     /// Answers 200 and returns the stream to splice.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(status_response(StatusCode::OK), false)?;
+        let send = self
+            .respond
+            .send_response(status_response(StatusCode::OK), false)?;
         Ok(H2Stream::new(send, self.recv, None))
     }
 

@@ -129,7 +129,10 @@ async fn concurrent_streams_share_connections() {
         t.await.unwrap();
     }
     let opened = f.metrics.pool_connections_opened();
-    assert!((1..=2).contains(&opened), "{opened} TLS connections for 200 streams");
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} TLS connections for 200 streams"
+    );
 }
 
 #[tokio::test]
@@ -174,8 +177,18 @@ fn authority_parsing() {
         parse_authority("10.0.0.1:80"),
         Some("10.0.0.1:80".parse().unwrap())
     );
-    assert_eq!(parse_authority("[::1]:80"), Some("[::1]:80".parse().unwrap()));
-    for bad in ["", "10.0.0.1", "host:80", "10.0.0.1:0", "::1:80", "10.0.0.1:99999"] {
+    assert_eq!(
+        parse_authority("[::1]:80"),
+        Some("[::1]:80".parse().unwrap())
+    );
+    for bad in [
+        "",
+        "10.0.0.1",
+        "host:80",
+        "10.0.0.1:0",
+        "::1:80",
+        "10.0.0.1:99999",
+    ] {
         assert_eq!(parse_authority(bad), None, "{bad}");
     }
     assert_eq!(forwarded_for("[::1]:5".parse().unwrap()), "for=\"[::1]:5\"");

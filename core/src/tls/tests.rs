@@ -34,9 +34,10 @@ async fn handshake(
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
                 .dangerous()
-                .with_custom_certificate_verifier(std::sync::Arc::new(
-                    WorkloadServerVerifier::new(server.root_store.clone(), expected_server.clone()),
-                ))
+                .with_custom_certificate_verifier(std::sync::Arc::new(WorkloadServerVerifier::new(
+                    server.root_store.clone(),
+                    expected_server.clone(),
+                )))
                 .with_no_client_auth();
             cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
             std::sync::Arc::new(cfg)
@@ -73,10 +74,16 @@ async fn mutual_tls_carries_identities() {
 async fn client_rejects_unexpected_server_identity() {
     let ca = CertificateAuthority::generate("cluster.local").unwrap();
     let srv = ca
-        .issue(&id("cluster.local", "default", "impostor"), Duration::from_secs(3600))
+        .issue(
+            &id("cluster.local", "default", "impostor"),
+            Duration::from_secs(3600),
+        )
         .unwrap();
     let cli = ca
-        .issue(&id("cluster.local", "default", "client"), Duration::from_secs(3600))
+        .issue(
+            &id("cluster.local", "default", "client"),
+            Duration::from_secs(3600),
+        )
         .unwrap();
     let err = handshake(&srv, Some(&cli), &id("cluster.local", "default", "server"))
         .await
@@ -92,10 +99,16 @@ async fn server_rejects_bad_clients() {
     let srv_id = id("cluster.local", "default", "server");
     let srv = ca.issue(&srv_id, Duration::from_secs(3600)).unwrap();
 
-    assert!(handshake(&srv, None, &srv_id).await.is_err(), "no client cert");
+    assert!(
+        handshake(&srv, None, &srv_id).await.is_err(),
+        "no client cert"
+    );
 
     let foreign = other_root
-        .issue(&id("cluster.local", "default", "c"), Duration::from_secs(3600))
+        .issue(
+            &id("cluster.local", "default", "c"),
+            Duration::from_secs(3600),
+        )
         .unwrap();
     let foreign = WorkloadCert::new(
         foreign.identity().clone(),
@@ -104,7 +117,10 @@ async fn server_rejects_bad_clients() {
         vec![ca.root().clone()],
     )
     .unwrap();
-    assert!(handshake(&srv, Some(&foreign), &srv_id).await.is_err(), "other root");
+    assert!(
+        handshake(&srv, Some(&foreign), &srv_id).await.is_err(),
+        "other root"
+    );
 
     let td = other_td
         .issue(&id("evil.local", "default", "c"), Duration::from_secs(3600))
@@ -120,7 +136,10 @@ async fn server_rejects_bad_clients() {
             now - Duration::from_secs(3600),
         )
         .unwrap();
-    assert!(handshake(&srv, Some(&expired), &srv_id).await.is_err(), "expired");
+    assert!(
+        handshake(&srv, Some(&expired), &srv_id).await.is_err(),
+        "expired"
+    );
 }
 
 #[test]

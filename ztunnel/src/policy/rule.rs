@@ -348,7 +348,8 @@ fn principal_matches(m: &StringMatch, conn: &ConnInfo<'_>) -> bool {
 }
 
 fn namespace_matches(m: &StringMatch, conn: &ConnInfo<'_>) -> bool {
-    conn.src_identity.is_some_and(|id| m.matches(&[id.namespace()]))
+    conn.src_identity
+        .is_some_and(|id| m.matches(&[id.namespace()]))
 }
 
 fn note_l7<T>(l7: &mut BTreeSet<String>, field: &str, values: &[T]) {

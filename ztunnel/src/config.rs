@@ -1,0 +1,75 @@
+//! The ztunnel's runtime config: flags (and, later, environment) converted into one
+//! validated `Config`, which `/config_dump` shows as it runs.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Ports {
+    pub hbone: u16,
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub socks5: u16,
+    pub admin: u16,
+    pub metrics: u16,
+    pub readiness: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            hbone: mesh_core::hbone::PORT,
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            socks5: 15080,
+            admin: 15000,
+            metrics: 15020,
+            readiness: 15021,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// The node whose workloads this ztunnel serves.
+    pub node: String,
+    /// Local-mode config file (see `examples/local-mesh.yaml`).
+    pub config_file: PathBuf,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// Address of the node-level listeners (outbound, plaintext inbound, SOCKS5, admin).
+    pub listen_ip: IpAddr,
+    pub ports: Ports,
+    pub cert_lifetime: Duration,
+    pub hbone: mesh_core::hbone::Config,
+    /// How often the config file is checked for changes.
+    pub config_poll: Duration,
+    pub drain_deadline: Duration,
+    /// Write access-log lines to stdout.
+    pub access_log_stdout: bool,
+}
+
+impl Config {
+    pub fn new(node: &str, config_file: PathBuf, ca_cert: PathBuf, ca_key: PathBuf) -> Self {
+        Config {
+            node: node.to_owned(),
+            config_file,
+            ca_cert,
+            ca_key,
+            listen_ip: IpAddr::from([127, 0, 0, 1]),
+            ports: Ports::default(),
+            cert_lifetime: Duration::from_secs(24 * 3600),
+            hbone: mesh_core::hbone::Config::default(),
+            config_poll: Duration::from_millis(200),
+            drain_deadline: Duration::from_secs(5),
+            access_log_stdout: true,
+        }
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.listen_ip, port)
+    }
+}

@@ -1,0 +1,301 @@
+//! Outbound: connections from local workloads, taken from the capture listener (15001)
+//! or SOCKS5 (15080). Resolves the destination (service VIP or hostname -> endpoint,
+//! pod IP -> workload), then tunnels over HBONE to a mesh destination or passes plaintext
+//! through to anything else.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_core::hbone::{ConnectRequest, HboneError, PoolKey};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn, Instrument};
+
+use crate::model::{Protocol, Service, Snapshot, Workload};
+use crate::proxy::{original_dst, Proxy, Upstream};
+use crate::socks5::{self, Reply, Target};
+use crate::telemetry::{ConnRecord, Direction, Outcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("source {ip} is not a mesh workload on this node")]
+    UnknownSource { ip: std::net::IpAddr },
+    #[error("no service named {host}")]
+    UnknownHost { host: String },
+    #[error("service {service} has no port {port}")]
+    NoPort { service: String, port: u16 },
+    #[error("service {service} has no endpoints")]
+    NoEndpoints { service: String },
+    #[error("every endpoint of {service} refused; last: {last}")]
+    AllEndpointsFailed { service: String, last: HboneError },
+    #[error("{0}")]
+    Hbone(#[from] HboneError),
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Cert(#[from] crate::certs::CertError),
+    #[error("capture loop: {addr} is this ztunnel's own listener")]
+    Loop { addr: SocketAddr },
+}
+
+impl OutboundError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            OutboundError::Hbone(HboneError::Denied { .. }) => Outcome::Denied,
+            OutboundError::UnknownSource { .. } => Outcome::Denied,
+            _ => Outcome::Error,
+        }
+    }
+
+    fn socks_reply(&self) -> Reply {
+        match self {
+            OutboundError::Hbone(HboneError::Denied { .. })
+            | OutboundError::UnknownSource { .. } => Reply::NotAllowed,
+            OutboundError::UnknownHost { .. } | OutboundError::NoEndpoints { .. } => {
+                Reply::HostUnreachable
+            }
+            OutboundError::Hbone(HboneError::Refused { .. })
+            | OutboundError::AllEndpointsFailed { .. }
+            | OutboundError::Hbone(HboneError::Unavailable { .. }) => Reply::ConnectionRefused,
+            OutboundError::Hbone(HboneError::Timeout { .. }) => Reply::TtlExpired,
+            _ => Reply::GeneralFailure,
+        }
+    }
+}
+
+impl Proxy {
+    /// Resolves `target` for the workload at `src` and opens the upstream connection.
+    pub async fn outbound_connect(
+        &self,
+        src: SocketAddr,
+        target: &Target,
+        rec: &mut ConnRecord,
+    ) -> Result<Upstream, OutboundError> {
+        let snap = self.state.load_full();
+        let src_w = snap
+            .workload_by_ip(src.ip())
+            .filter(|w| w.node == self.cfg.node && w.protocol == Protocol::Hbone)
+            .ok_or(OutboundError::UnknownSource { ip: src.ip() })?
+            .clone();
+        rec.set_source(&src_w);
+        match target {
+            Target::Host { host, port } => {
+                let svc = snap
+                    .service_by_host(host)
+                    .ok_or_else(|| OutboundError::UnknownHost { host: host.clone() })?;
+                self.to_service(&snap, &src_w, svc, *port, src, rec).await
+            }
+            Target::Addr(addr) => {
+                if let Some(svc) = snap.service_by_vip(addr.ip()) {
+                    self.to_service(&snap, &src_w, svc, addr.port(), src, rec)
+                        .await
+                } else if let Some(w) = snap.workload_by_ip(addr.ip()) {
+                    self.to_workload(&src_w, w, *addr, src, rec).await
+                } else {
+                    self.passthrough(*addr, rec).await
+                }
+            }
+        }
+    }
+
+    async fn to_service(
+        &self,
+        snap: &Snapshot,
+        src_w: &Workload,
+        svc: &Service,
+        port: u16,
+        client: SocketAddr,
+        rec: &mut ConnRecord,
+    ) -> Result<Upstream, OutboundError> {
+        rec.dst_service = Some(svc.hostname.clone());
+        let target_port = svc.target_port(port).ok_or_else(|| OutboundError::NoPort {
+            service: svc.hostname.clone(),
+            port,
+        })?;
+        let endpoints: Vec<&Arc<Workload>> = svc
+            .endpoints
+            .iter()
+            .filter_map(|uid| snap.workload(uid))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(OutboundError::NoEndpoints {
+                service: svc.hostname.clone(),
+            });
+        }
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..endpoints.len() {
+            let ep = endpoints[(start + i) % endpoints.len()];
+            let addr = SocketAddr::new(ep.ips[0], target_port);
+            match self.to_workload(src_w, ep, addr, client, rec).await {
+                Err(OutboundError::Hbone(e)) if e.is_refusal() => {
+                    debug!(endpoint = %addr, "endpoint refused; trying the next: {e}");
+                    last = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(OutboundError::AllEndpointsFailed {
+            service: svc.hostname.clone(),
+            last: last.unwrap_or(HboneError::Unavailable {
+                addr: client,
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+            }),
+        })
+    }
+
+    async fn to_workload(
+        &self,
+        src_w: &Workload,
+        dst_w: &Workload,
+        addr: SocketAddr,
+        client: SocketAddr,
+        rec: &mut ConnRecord,
+    ) -> Result<Upstream, OutboundError> {
+        rec.set_destination(dst_w);
+        rec.dst_addr = Some(addr);
+        if dst_w.protocol != Protocol::Hbone {
+            return self.passthrough(addr, rec).await;
+        }
+        let src_id = src_w.identity();
+        let cert = self.certs.get_or_issue(&src_id)?;
+        let key = PoolKey {
+            src: src_id,
+            dst: dst_w.identity(),
+            addr: SocketAddr::new(addr.ip(), self.cfg.ports.hbone),
+        };
+        rec.hbone_addr = Some(key.addr);
+        rec.mtls = true;
+        let req = ConnectRequest {
+            authority: addr,
+            client,
+            ..Default::default()
+        };
+        let stream = self.pool.connect(&key, &cert.cert, &req).await?;
+        Ok(Upstream::Hbone(stream))
+    }
+
+    async fn passthrough(
+        &self,
+        addr: SocketAddr,
+        rec: &mut ConnRecord,
+    ) -> Result<Upstream, OutboundError> {
+        rec.dst_addr = Some(addr);
+        rec.mtls = false;
+        let own = [self.cfg.ports.outbound, self.cfg.ports.socks5];
+        if addr.ip() == self.cfg.listen_ip && own.contains(&addr.port()) {
+            return Err(OutboundError::Loop { addr });
+        }
+        let tcp = self
+            .dial(addr)
+            .await
+            .map_err(|source| OutboundError::Connect { addr, source })?;
+        Ok(Upstream::Plain(tcp))
+    }
+
+    fn outbound_failed(&self, mut rec: ConnRecord, e: &OutboundError, started: Instant) {
+        rec.decision = matches!(e.outcome(), Outcome::Denied).then_some("deny");
+        rec.fail(e.outcome(), e.to_string());
+        warn!(src = %rec.src_addr, "outbound connection failed: {e}");
+        self.finish(rec, started);
+    }
+}
+
+/// Accepts captured connections on 15001 until drained.
+pub async fn serve_capture(proxy: Arc<Proxy>, listener: TcpListener) {
+    accept_loop(proxy, listener, "capture", |proxy, tcp, peer| async move {
+        let started = Instant::now();
+        let mut rec = ConnRecord::new(Direction::Outbound, peer);
+        let dst = match original_dst(&tcp) {
+            Ok(d) => d,
+            Err(e) => return proxy.metrics.failure(&format!("original_dst: {e}")),
+        };
+        let target = Target::Addr(dst);
+        match proxy.outbound_connect(peer, &target, &mut rec).await {
+            Ok(up) => {
+                proxy.metrics.opened(&rec);
+                proxy.relay(tcp, up, rec, started).await
+            }
+            Err(e) => proxy.outbound_failed(rec, &e, started),
+        }
+    })
+    .await
+}
+
+/// Accepts SOCKS5 clients on 15080 until drained.
+pub async fn serve_socks5(proxy: Arc<Proxy>, listener: TcpListener) {
+    accept_loop(
+        proxy,
+        listener,
+        "socks5",
+        |proxy, mut tcp, peer| async move {
+            let started = Instant::now();
+            let target = match socks5::handshake(&mut tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(%peer, "SOCKS5 handshake failed: {e}");
+                    return proxy.metrics.failure(&format!("socks5_{}", e.reason()));
+                }
+            };
+            let mut rec = ConnRecord::new(Direction::Outbound, peer);
+            let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+            match proxy.outbound_connect(peer, &target, &mut rec).await {
+                Ok(up) => {
+                    if socks5::reply(&mut tcp, Reply::Succeeded, unspecified)
+                        .await
+                        .is_ok()
+                    {
+                        proxy.metrics.opened(&rec);
+                        proxy.relay(tcp, up, rec, started).await
+                    }
+                }
+                Err(e) => {
+                    let _ = socks5::reply(&mut tcp, e.socks_reply(), unspecified).await;
+                    proxy.outbound_failed(rec, &e, started)
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Accepts until drained, one task per connection; each task holds a drain handle.
+pub(crate) async fn accept_loop<F, Fut>(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    name: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<Proxy>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let drain = proxy.drain.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = drain.signaled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(listener = name, "accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let span = tracing::debug_span!("conn", listener = name, %peer);
+        let held = drain.clone();
+        let fut = handle(proxy.clone(), tcp, peer);
+        tokio::spawn(
+            async move {
+                fut.await;
+                drop(held);
+            }
+            .instrument(span),
+        );
+    }
+}

@@ -17,11 +17,14 @@ use tracing::{info, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("issuing certificate for {identity}: {source}")]
-    Issue { identity: Identity, source: CaError },
+    Issue {
+        identity: Identity,
+        source: Box<CaError>,
+    },
     #[error("TLS config for {identity}: {source}")]
     Tls {
         identity: Identity,
-        source: TlsError,
+        source: Box<TlsError>,
     },
 }
 
@@ -76,11 +79,11 @@ impl CertManager {
             .issue(id, self.lifetime)
             .map_err(|source| CertError::Issue {
                 identity: id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let server = cert.server_config().map_err(|source| CertError::Tls {
             identity: id.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let entry = Arc::new(Entry {
             cert: Arc::new(cert),

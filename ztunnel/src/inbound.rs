@@ -93,7 +93,7 @@ impl Proxy {
         };
         match req.accept() {
             Ok(stream) => {
-                self.metrics.opened(&rec);
+                self.metrics.opened(&mut rec);
                 self.relay(tcp, Upstream::Hbone(stream), rec, started).await
             }
             Err(e) => {
@@ -136,7 +136,7 @@ impl Proxy {
         }
         match self.dial(dst_addr).await {
             Ok(up) => {
-                self.metrics.opened(&rec);
+                self.metrics.opened(&mut rec);
                 self.relay(tcp, Upstream::Plain(up), rec, started).await
             }
             Err(e) => {

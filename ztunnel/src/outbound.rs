@@ -217,7 +217,7 @@ pub async fn serve_capture(proxy: Arc<Proxy>, listener: TcpListener) {
         let target = Target::Addr(dst);
         match proxy.outbound_connect(peer, &target, &mut rec).await {
             Ok(up) => {
-                proxy.metrics.opened(&rec);
+                proxy.metrics.opened(&mut rec);
                 proxy.relay(tcp, up, rec, started).await
             }
             Err(e) => proxy.outbound_failed(rec, &e, started),
@@ -249,7 +249,7 @@ pub async fn serve_socks5(proxy: Arc<Proxy>, listener: TcpListener) {
                         .await
                         .is_ok()
                     {
-                        proxy.metrics.opened(&rec);
+                        proxy.metrics.opened(&mut rec);
                         proxy.relay(tcp, up, rec, started).await
                     }
                 }

@@ -37,6 +37,9 @@ pub struct ConnRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: f64,
+    /// Counted in `istio_tcp_connections_opened`; only such connections count as closed.
+    #[serde(skip)]
+    pub opened: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,6 +80,7 @@ impl ConnRecord {
             bytes_sent: 0,
             bytes_received: 0,
             duration_ms: 0.0,
+            opened: false,
         }
     }
 
@@ -173,15 +177,18 @@ impl Metrics {
         m
     }
 
-    pub fn opened(&self, r: &ConnRecord) {
+    pub fn opened(&self, r: &mut ConnRecord) {
+        r.opened = true;
         self.opened.get_or_create(&labels(r)).inc();
     }
 
     pub fn closed(&self, r: &ConnRecord) {
-        let l = labels(r);
-        self.closed.get_or_create(&l).inc();
-        self.sent.get_or_create(&l).inc_by(r.bytes_sent);
-        self.received.get_or_create(&l).inc_by(r.bytes_received);
+        if r.opened {
+            let l = labels(r);
+            self.closed.get_or_create(&l).inc();
+            self.sent.get_or_create(&l).inc_by(r.bytes_sent);
+            self.received.get_or_create(&l).inc_by(r.bytes_received);
+        }
         if r.outcome != Outcome::Ok {
             let reason = r.reason.clone().unwrap_or_else(|| "unknown".into());
             let reason = reason.split(':').next().unwrap_or_default().to_owned();

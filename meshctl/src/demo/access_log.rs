@@ -46,6 +46,10 @@ impl Entry {
         self.str("direction")
     }
 
+    pub fn src_addr(&self) -> Option<SocketAddr> {
+        self.str("src_addr")?.parse().ok()
+    }
+
     pub fn src_ip(&self) -> Option<IpAddr> {
         let addr = self.str("src_addr")?;
         let sock = addr.parse::<SocketAddr>().map(|a| a.ip());
@@ -99,6 +103,12 @@ impl AccessLogs {
         find(&store)
     }
 
+    /// The first entry after `since` matching `pred`, without waiting.
+    pub fn find(&self, since: usize, pred: impl Fn(&Entry) -> bool) -> Option<Entry> {
+        let store = self.store.borrow();
+        store.entries.iter().skip(since).find(|e| pred(e)).cloned()
+    }
+
     pub fn entries(&self) -> Vec<Entry> {
         self.store.borrow().entries.clone()
     }
@@ -115,7 +125,8 @@ impl AccessLogs {
 mod tests {
     use super::*;
 
-    const LINE: &str = r#"{"direction":"inbound","src_addr":"127.0.1.10:4321","mtls":true,"bytes_sent":11}"#;
+    const LINE: &str =
+        r#"{"direction":"inbound","src_addr":"127.0.1.10:4321","mtls":true,"bytes_sent":11}"#;
 
     #[tokio::test]
     async fn finds_an_entry_written_after_the_mark() {
@@ -129,11 +140,16 @@ mod tests {
             writer.push_line("node2", LINE);
         });
         let found = logs
-            .wait_for(mark, Duration::from_secs(2), |e| e.direction() == Some("inbound"))
+            .wait_for(mark, Duration::from_secs(2), |e| {
+                e.direction() == Some("inbound")
+            })
             .await
             .expect("the second line");
         assert_eq!(found.src_ip(), Some("127.0.1.10".parse().unwrap()));
-        assert_eq!((found.bool("mtls"), found.u64("bytes_sent")), (Some(true), Some(11)));
+        assert_eq!(
+            (found.bool("mtls"), found.u64("bytes_sent")),
+            (Some(true), Some(11))
+        );
         assert_eq!(logs.entries().len(), 2);
         assert_eq!(logs.other_lines("node2"), ["starting up"]);
     }

@@ -75,6 +75,12 @@ impl Topology {
         self.workloads.iter().filter(move |w| w.node == node)
     }
 
+    /// The IPs of every workload that speaks HBONE, where some ztunnel listens.
+    pub fn mesh_ips(&self) -> Vec<IpAddr> {
+        let in_mesh = self.workloads.iter().filter(|w| w.in_mesh());
+        in_mesh.flat_map(|w| w.ips.iter().copied()).collect()
+    }
+
     /// The workloads a service's selector picks, in file order.
     pub fn endpoints(&self, service: &Service) -> Vec<&Workload> {
         self.workloads

@@ -1,0 +1,165 @@
+//! One client connection through a ztunnel's SOCKS5 port, and what the client saw.
+//!
+//! The client speaks to the demo's echo servers: it reads the greeting naming the pod,
+//! sends a line, expects it back, then half-closes and drains so the ztunnels see a clean
+//! end and write their access logs. It must not consult the logs: that is the join's job.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::socks::{self, Reply};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client's view of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The greeting arrived and the payload came back intact.
+    Echoed,
+    /// The proxy answered the CONNECT with a failure code.
+    Refused(u8),
+    /// The connection ended before a single byte of the server arrived.
+    ClosedWithoutData,
+    /// Data arrived but not the payload that was sent.
+    Mismatch,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The client's address as the proxy sees it.
+    pub local: Option<SocketAddr>,
+    pub outcome: Outcome,
+    /// Who answered: the greeting line without its newline.
+    pub greeting: Option<String>,
+    pub sent: usize,
+    pub received: usize,
+}
+
+impl Outcome {
+    /// Whether the client got nothing at all from the destination.
+    pub fn blocked(&self) -> bool {
+        matches!(self, Outcome::Refused(_) | Outcome::ClosedWithoutData)
+    }
+}
+
+/// Connects from `from` through `proxy` to `target`, then exchanges `payload`.
+pub async fn run(proxy: SocketAddr, from: IpAddr, target: SocketAddr, payload: &str) -> Seen {
+    let mut seen = Seen {
+        local: None,
+        outcome: Outcome::Failed("not started".into()),
+        greeting: None,
+        sent: 0,
+        received: 0,
+    };
+    let mut stream = match socks::dial(proxy, from).await {
+        Ok(stream) => stream,
+        Err(e) => return seen.failed(format!("{e:#}")),
+    };
+    seen.local = stream.local_addr().ok();
+    match timeout(STEP_TIMEOUT, socks::connect(&mut stream, target)).await {
+        Ok(Ok(Reply::Succeeded)) => exchange(stream, payload, &mut seen).await,
+        Ok(Ok(Reply::Refused(code))) => seen.outcome = Outcome::Refused(code),
+        Ok(Ok(Reply::Closed)) => seen.outcome = Outcome::ClosedWithoutData,
+        Ok(Err(e)) => return seen.failed(format!("SOCKS5: {e:#}")),
+        Err(_) => return seen.failed("SOCKS5 reply timed out".into()),
+    }
+    seen
+}
+
+/// One line for the progress output.
+pub fn describe(seen: &Seen) -> String {
+    let who = seen.greeting.as_deref().unwrap_or("?");
+    match &seen.outcome {
+        Outcome::Echoed => format!("{who} answered and echoed {} bytes", seen.sent),
+        Outcome::Refused(code) => {
+            format!(
+                "refused, SOCKS5 reply {code:#04x} ({})",
+                socks::meaning(*code)
+            )
+        }
+        Outcome::ClosedWithoutData => "closed before any data arrived".into(),
+        Outcome::Mismatch => format!("{who} answered but the echo came back different"),
+        Outcome::Failed(why) => format!("failed: {why}"),
+    }
+}
+
+impl Seen {
+    fn failed(mut self, why: String) -> Seen {
+        self.outcome = Outcome::Failed(why);
+        self
+    }
+}
+
+async fn exchange(stream: TcpStream, payload: &str, seen: &mut Seen) {
+    let mut stream = BufReader::new(stream);
+    match read_greeting(&mut stream).await {
+        Ok(greeting) => {
+            seen.received = greeting.len();
+            seen.greeting = Some(greeting.trim_end().to_owned());
+        }
+        Err(outcome) => {
+            seen.outcome = outcome;
+            return;
+        }
+    }
+    seen.outcome = match timeout(STEP_TIMEOUT, echo(&mut stream, payload, seen)).await {
+        Ok(Ok(true)) => Outcome::Echoed,
+        Ok(Ok(false)) => Outcome::Mismatch,
+        Ok(Err(e)) => Outcome::Failed(format!("echo: {e}")),
+        Err(_) => Outcome::Failed("echo timed out".into()),
+    };
+    let _ = timeout(STEP_TIMEOUT, drain(&mut stream, seen)).await;
+}
+
+async fn read_greeting(stream: &mut BufReader<TcpStream>) -> Result<String, Outcome> {
+    let mut greeting = String::new();
+    match timeout(STEP_TIMEOUT, stream.read_line(&mut greeting)).await {
+        Ok(Ok(0)) => Err(Outcome::ClosedWithoutData),
+        Ok(Ok(_)) => Ok(greeting),
+        Ok(Err(e)) if socks::closed(&e) => Err(Outcome::ClosedWithoutData),
+        Ok(Err(e)) => Err(Outcome::Failed(format!("read greeting: {e}"))),
+        Err(_) => Err(Outcome::Failed(format!(
+            "no greeting within {STEP_TIMEOUT:?}"
+        ))),
+    }
+}
+
+async fn echo(
+    stream: &mut BufReader<TcpStream>,
+    payload: &str,
+    seen: &mut Seen,
+) -> std::io::Result<bool> {
+    stream.write_all(payload.as_bytes()).await?;
+    seen.sent += payload.len();
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await?;
+    seen.received += back.len();
+    Ok(back == payload.as_bytes())
+}
+
+/// Half-closes and reads until the server side closes too.
+async fn drain(stream: &mut BufReader<TcpStream>, seen: &mut Seen) -> std::io::Result<()> {
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    let n = stream.read_to_end(&mut rest).await?;
+    seen.received += n;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_and_silent_close_both_count_as_blocked() {
+        assert!(Outcome::Refused(2).blocked());
+        assert!(Outcome::ClosedWithoutData.blocked());
+        assert!(!Outcome::Echoed.blocked());
+        assert!(!Outcome::Failed("x".into()).blocked());
+    }
+}

@@ -8,10 +8,11 @@
 
 pub mod cpu_latency;
 pub mod l4;
-mod loopback;
+pub mod loopback;
 pub mod process;
 pub mod report;
 pub mod rss;
+pub mod servers;
 pub mod socks5;
 pub mod stats;
 

@@ -126,7 +126,11 @@ impl Drop for Mesh {
 }
 
 /// SOCKS5 CONNECT from `src` via `proxy` to `dst` (IPv4).
-pub async fn socks_connect(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> Result<TcpStream, u8> {
+pub async fn socks_connect(
+    src: IpAddr,
+    proxy: SocketAddr,
+    dst: SocketAddr,
+) -> Result<TcpStream, u8> {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(src, 0)).unwrap();
     let mut tcp = sock.connect(proxy).await.unwrap();
@@ -134,7 +138,9 @@ pub async fn socks_connect(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> R
     let mut hello = [0u8; 2];
     tcp.read_exact(&mut hello).await.unwrap();
     assert_eq!(hello, [5, 0]);
-    let IpAddr::V4(ip) = dst.ip() else { panic!("IPv4 only") };
+    let IpAddr::V4(ip) = dst.ip() else {
+        panic!("IPv4 only")
+    };
     let mut req = vec![5, 1, 0, 1];
     req.extend_from_slice(&ip.octets());
     req.extend_from_slice(&dst.port().to_be_bytes());

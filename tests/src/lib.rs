@@ -2,3 +2,4 @@
 //! processes, and the `mesh-bench` benchmarks. Nothing here is shipped.
 
 pub mod bench;
+pub mod harness;

@@ -20,7 +20,11 @@ fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "default", sa).unwrap()
 }
 
-async fn tls_to(addr: SocketAddr, cert: &WorkloadCert, expect: &Identity) -> std::io::Result<TlsStream<TcpStream>> {
+async fn tls_to(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    expect: &Identity,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let cfg = cert.client_config(expect).unwrap();
     TlsConnector::from(cfg)
@@ -29,9 +33,17 @@ async fn tls_to(addr: SocketAddr, cert: &WorkloadCert, expect: &Identity) -> std
 }
 
 /// Opens an h2 connection with a mesh certificate and sends one request.
-async fn h2_request(addr: SocketAddr, cert: &WorkloadCert, req: http::Request<()>) -> Result<u16, String> {
-    let tls = tls_to(addr, cert, &id("echo")).await.map_err(|e| e.to_string())?;
-    let (send, conn) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
+async fn h2_request(
+    addr: SocketAddr,
+    cert: &WorkloadCert,
+    req: http::Request<()>,
+) -> Result<u16, String> {
+    let tls = tls_to(addr, cert, &id("echo"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let mut send = send.ready().await.map_err(|e| e.to_string())?;
     let (resp, _stream) = send.send_request(req, false).map_err(|e| e.to_string())?;
@@ -57,14 +69,20 @@ async fn assert_echo_alive(c: &mut TcpStream, round: u8) {
 async fn bad_input_on_hbone_port_leaves_other_connections_untouched() {
     let mesh = Mesh::start(BASE_CONFIG).await;
     echo_server(mesh.addr("2.10", 8080)).await.unwrap();
-    let mut established = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 8080)).await.unwrap();
+    let mut established = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap();
     assert_echo_alive(&mut established, 1).await;
     let hbone = mesh.addr("2.10", 15008);
     let metrics = &mesh.node2.proxy().hbone_metrics;
     let failures_before = metrics.tls_failures("server");
 
     // Random bytes, then plain HTTP/1.1: TLS fails, the connection closes.
-    for junk in [&rand::random::<[u8; 512]>()[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
+    for junk in [
+        &rand::random::<[u8; 512]>()[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
         let mut tcp = TcpStream::connect(hbone).await.unwrap();
         tcp.write_all(junk).await.unwrap();
         let mut buf = Vec::new();
@@ -80,16 +98,24 @@ async fn bad_input_on_hbone_port_leaves_other_connections_untouched() {
         .issue(&id("client"), Duration::from_secs(3600))
         .unwrap();
     let req = |method: http::Method, uri: &str| {
-        http::Request::builder().method(method).uri(uri).body(()).unwrap()
+        http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
     };
     let get = req(http::Method::GET, &format!("https://{hbone}/"));
     assert_eq!(h2_request(hbone, &client, get).await.unwrap(), 405);
     let unknown = req(http::Method::CONNECT, &mesh.addr("2.99", 8080).to_string());
     assert_eq!(h2_request(hbone, &client, unknown).await.unwrap(), 503);
     let bad_authority = req(http::Method::CONNECT, "not-an-ip:8080");
-    assert_eq!(h2_request(hbone, &client, bad_authority).await.unwrap(), 400);
+    assert_eq!(
+        h2_request(hbone, &client, bad_authority).await.unwrap(),
+        400
+    );
     let mut big = req(http::Method::CONNECT, &mesh.addr("2.10", 8080).to_string());
-    big.headers_mut().insert("x-big", "a".repeat(64 << 10).parse().unwrap());
+    big.headers_mut()
+        .insert("x-big", "a".repeat(64 << 10).parse().unwrap());
     match h2_request(hbone, &client, big).await {
         Ok(status) => assert_eq!(status, 431, "oversized headers"),
         Err(e) => assert!(!e.is_empty()), // refused at the HTTP/2 layer: also a clean end
@@ -104,7 +130,9 @@ async fn untrusted_clients_fail_the_handshake_and_are_counted() {
     let metrics = &mesh.node2.proxy().hbone_metrics;
     let before = metrics.tls_failures("server");
     let stranger_ca = CertificateAuthority::generate("cluster.local").unwrap();
-    let stranger = stranger_ca.issue(&id("client"), Duration::from_secs(3600)).unwrap();
+    let stranger = stranger_ca
+        .issue(&id("client"), Duration::from_secs(3600))
+        .unwrap();
     // Trusts the mesh root (so the client side is happy) but presents a foreign chain.
     let stranger = WorkloadCert::new(
         stranger.identity().clone(),
@@ -115,12 +143,19 @@ async fn untrusted_clients_fail_the_handshake_and_are_counted() {
     .unwrap();
     let other_td = mesh
         .ca
-        .issue(&Identity::new("evil.example", "default", "x").unwrap(), Duration::from_secs(3600))
+        .issue(
+            &Identity::new("evil.example", "default", "x").unwrap(),
+            Duration::from_secs(3600),
+        )
         .unwrap();
     let now = std::time::SystemTime::now();
     let expired = mesh
         .ca
-        .issue_valid(&id("client"), now - Duration::from_secs(7200), now - Duration::from_secs(60))
+        .issue_valid(
+            &id("client"),
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        )
         .unwrap();
     for cert in [&stranger, &other_td, &expired] {
         let r = async {
@@ -144,7 +179,10 @@ async fn certificate_rotation_mid_transfer() {
     let echo_id = id("echo");
     let before = mesh.node2.proxy().certs.get(&echo_id).unwrap().cert.chain()[0].clone();
 
-    let mut c = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 8080)).await.unwrap();
+    let mut c = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap();
     let transfer = tokio::spawn(async move {
         let total = 64usize << 20;
         let (mut r, mut w) = c.split();
@@ -177,8 +215,13 @@ async fn certificate_rotation_mid_transfer() {
     transfer.await.unwrap();
 
     // A new handshake presents the new certificate.
-    let client = mesh.ca.issue(&id("client"), Duration::from_secs(3600)).unwrap();
-    let tls = tls_to(mesh.addr("2.10", 15008), &client, &echo_id).await.unwrap();
+    let client = mesh
+        .ca
+        .issue(&id("client"), Duration::from_secs(3600))
+        .unwrap();
+    let tls = tls_to(mesh.addr("2.10", 15008), &client, &echo_id)
+        .await
+        .unwrap();
     let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     assert_ne!(presented, before, "still presenting the old certificate");
     assert_eq!(identity_of(&presented).unwrap(), echo_id);

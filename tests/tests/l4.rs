@@ -22,7 +22,9 @@ async fn echo_roundtrip(mut tcp: TcpStream, len: usize) {
         while left > 0 {
             let n = left.min(chunk.len());
             for b in chunk[..n].iter_mut() {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 *b = (seed >> 56) as u8;
             }
             w.write_all(&chunk[..n]).await.unwrap();
@@ -64,7 +66,10 @@ async fn socks_carries_identical_bytes() {
     echo_server(mesh.addr("2.10", 8080)).await.unwrap();
     let mut inbound = mesh.node2.proxy().log.subscribe();
     for len in [1usize, 64 << 10, 1 << 30] {
-        let tcp = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 8080)).await.unwrap();
+        let tcp = mesh
+            .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+            .await
+            .unwrap();
         echo_roundtrip(tcp, len).await;
         let rec = next_log(&mut inbound).await;
         assert_eq!(rec.direction, Direction::Inbound);
@@ -84,7 +89,10 @@ async fn half_close_both_directions() {
     let mesh = Mesh::start(BASE_CONFIG).await;
     // Client closes first: the echo keeps sending what it got, then closes.
     echo_server(mesh.addr("2.10", 8080)).await.unwrap();
-    let mut c = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 8080)).await.unwrap();
+    let mut c = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap();
     c.write_all(b"first").await.unwrap();
     c.shutdown().await.unwrap();
     let mut out = Vec::new();
@@ -92,7 +100,9 @@ async fn half_close_both_directions() {
     assert_eq!(out, b"first");
 
     // Server closes first: the client can still send afterwards and the server gets it.
-    let listener = tokio::net::TcpListener::bind(mesh.addr("2.11", 8080)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(mesh.addr("2.11", 8080))
+        .await
+        .unwrap();
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         s.write_all(b"bye").await.unwrap();
@@ -101,7 +111,10 @@ async fn half_close_both_directions() {
         s.read_to_end(&mut got).await.unwrap();
         got
     });
-    let mut c = mesh.socks(mesh.ip("1.10"), mesh.addr("2.11", 8080)).await.unwrap();
+    let mut c = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.11", 8080))
+        .await
+        .unwrap();
     let mut first = Vec::new();
     c.read_to_end(&mut first).await.unwrap();
     assert_eq!(first, b"bye");
@@ -118,7 +131,10 @@ async fn concurrent_connections_share_two_tls_connections() {
     for i in 0..200 {
         let mesh = mesh.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 8080)).await.unwrap();
+            let mut c = mesh
+                .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+                .await
+                .unwrap();
             let msg = format!("connection {i}");
             c.write_all(msg.as_bytes()).await.unwrap();
             // Hold every connection open until all are established.
@@ -133,13 +149,18 @@ async fn concurrent_connections_share_two_tls_connections() {
         t.await.unwrap();
     }
     let opened = mesh.node1.proxy().hbone_metrics.pool_connections_opened();
-    assert!((1..=2).contains(&opened), "{opened} TLS connections for 200 streams");
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} TLS connections for 200 streams"
+    );
 }
 
 #[tokio::test]
 async fn service_vip_round_robins_and_skips_refusing_endpoints() {
     let mesh = Mesh::start(BASE_CONFIG).await;
-    greeting_echo_server(mesh.addr("2.10", 8080), "echo\n").await.unwrap();
+    greeting_echo_server(mesh.addr("2.10", 8080), "echo\n")
+        .await
+        .unwrap();
     let vip = mesh.addr("10.1", 80);
     // echo2 (2.11) has no server yet: every connection must land on echo.
     for _ in 0..4 {
@@ -148,7 +169,9 @@ async fn service_vip_round_robins_and_skips_refusing_endpoints() {
         c.read_exact(&mut g).await.unwrap();
         assert_eq!(&g, b"echo\n");
     }
-    greeting_echo_server(mesh.addr("2.11", 8080), "eco2\n").await.unwrap();
+    greeting_echo_server(mesh.addr("2.11", 8080), "eco2\n")
+        .await
+        .unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..4 {
         let mut c = mesh.socks(mesh.ip("1.10"), vip).await.unwrap();
@@ -184,27 +207,42 @@ async fn l4_policy_allow_deny_default_deny_and_live_edit() {
     let mut logs = mesh.node2.proxy().log.subscribe();
 
     // Namespace match + port match: allowed, and the log names the ALLOW policy.
-    let c = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 8080)).await.unwrap();
+    let c = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap();
     echo_roundtrip(c, 10).await;
     let rec = next_log(&mut logs).await;
     assert_eq!(rec.policy.as_deref(), Some("default/allow-default-ns"));
 
     // Another namespace: default deny under an ALLOW policy; SOCKS answers "not allowed".
-    let err = mesh.socks(mesh.ip("1.11"), mesh.addr("2.10", 8080)).await.unwrap_err();
+    let err = mesh
+        .socks(mesh.ip("1.11"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap_err();
     assert_eq!(err, 2);
     let rec = next_log(&mut logs).await;
     assert_eq!(rec.outcome, Outcome::Denied);
-    assert!(rec.reason.as_deref().unwrap().contains("no ALLOW policy"), "{rec:?}");
+    assert!(
+        rec.reason.as_deref().unwrap().contains("no ALLOW policy"),
+        "{rec:?}"
+    );
 
     // DENY before ALLOW, by principal and port; the log names the DENY policy.
-    let err = mesh.socks(mesh.ip("1.10"), mesh.addr("2.10", 9090)).await.unwrap_err();
+    let err = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.10", 9090))
+        .await
+        .unwrap_err();
     assert_eq!(err, 2);
     let rec = next_log(&mut logs).await;
     assert_eq!(rec.policy.as_deref(), Some("default/deny-client"));
 
     // Remove the policies from the file: the next connection is allowed, no restart.
     mesh.write_config(BASE_CONFIG).await;
-    let c = mesh.socks(mesh.ip("1.11"), mesh.addr("2.10", 8080)).await.unwrap();
+    let c = mesh
+        .socks(mesh.ip("1.11"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap();
     echo_roundtrip(c, 10).await;
     let rec = next_log(&mut logs).await;
     assert_eq!(rec.outcome, Outcome::Ok);
@@ -216,6 +254,9 @@ async fn unknown_source_is_refused() {
     let mesh = Mesh::start(BASE_CONFIG).await;
     echo_server(mesh.addr("2.10", 8080)).await.unwrap();
     // 127.B.1.99 is no workload of node1.
-    let err = mesh.socks(mesh.ip("1.99"), mesh.addr("2.10", 8080)).await.unwrap_err();
+    let err = mesh
+        .socks(mesh.ip("1.99"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap_err();
     assert_eq!(err, 2);
 }

@@ -141,9 +141,12 @@ mod tests {
     fn drop_kills_and_stderr_is_kept() {
         let dir = std::env::temp_dir().join(format!("mesh-process-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut child =
-            ChildGuard::spawn(&spec("sleeper", "echo hello >&2; ulimit -n >&2; sleep 60", &dir))
-                .unwrap();
+        let mut child = ChildGuard::spawn(&spec(
+            "sleeper",
+            "echo hello >&2; ulimit -n >&2; sleep 60",
+            &dir,
+        ))
+        .unwrap();
         let pid = child.pid();
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(child.exited().is_none());
@@ -152,11 +155,19 @@ mod tests {
         drop(child);
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
 
-        let mut failing = ChildGuard::spawn(&spec("failing", "echo boom >&2; exit 3", &dir))
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut failing =
+            ChildGuard::spawn(&spec("failing", "echo boom >&2; exit 3", &dir)).unwrap();
+        for _ in 0..100 {
+            if failing.exited().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let described = failing.describe(5);
-        assert!(described.contains("exited") && described.contains("boom"), "{described}");
+        assert!(
+            described.contains("exited") && described.contains("boom"),
+            "{described}"
+        );
         drop(failing);
         std::fs::remove_dir_all(&dir).unwrap();
     }

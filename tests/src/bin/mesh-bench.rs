@@ -1,1 +1,54 @@
-fn main() {}
+//! mesh-bench: benchmarks of the mesh against direct connections on the same machine.
+//! `mesh-bench l4` runs two ztunnels on loopback; see `mesh_tests::bench`.
+
+use clap::{Parser, Subcommand};
+use mesh_tests::bench::l4;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh-bench",
+    about = "Benchmarks of the mesh against direct TCP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Benchmark,
+}
+
+#[derive(Debug, Subcommand)]
+enum Benchmark {
+    /// TCP through two ztunnels (SOCKS5 + HBONE) against direct TCP: throughput, round-trip
+    /// latency, connect latency and ztunnel memory. The last stdout line is JSON.
+    L4(l4::L4Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bench = async {
+        match cli.command {
+            Benchmark::L4(args) => l4::run(args).await,
+        }
+    };
+    // Returning (rather than dying on the signal) drops the benchmark, whose guards kill
+    // the child proxies.
+    tokio::select! {
+        result = bench => result,
+        signal = terminated() => anyhow::bail!("interrupted by {signal}"),
+    }
+}
+
+async fn terminated() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}

@@ -27,6 +27,7 @@ use output::{render_table, Summary};
 use traffic::{
     connect_request_response, open_held, ping_all, request_response, throughput, Dialer, Route,
 };
+
 /// Extra time any step may take beyond its nominal length before it counts as stuck.
 const STEP_SLACK: Duration = Duration::from_secs(60);
 

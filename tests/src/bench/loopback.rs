@@ -114,8 +114,20 @@ pub fn default_ztunnel_path() -> PathBuf {
 /// both ztunnels and returns once both answer `/healthz/ready`. Dropping the mesh kills
 /// both processes and removes the directory. Workloads reach the mesh through their
 /// node's SOCKS5 port with [`LoopbackMesh::socks_connect`]; a server for a workload is
-/// any listener on the workload's IP. Only one mesh with given listen IPs can run at a
-/// time, because the ports are fixed.
+/// any listener on the workload's IP. The ports are fixed, so only one mesh with given
+/// listen IPs runs at a time: `start` first waits (up to 30 s) for them to be free.
+///
+/// ```no_run
+/// # async fn example() -> anyhow::Result<()> {
+/// use mesh_tests::bench::{default_ztunnel_path, LoopbackMesh, MeshSpec};
+///
+/// let mesh = LoopbackMesh::start(MeshSpec::new(default_ztunnel_path())).await?;
+/// let (client, server) = (mesh.spec().client_ip, mesh.spec().server_ip);
+/// let _listener = tokio::net::TcpListener::bind((server, 8080)).await?;
+/// let _stream = mesh.socks_connect(client.into(), (server, 8080).into()).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct LoopbackMesh {
     spec: MeshSpec,

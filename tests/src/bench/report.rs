@@ -57,7 +57,8 @@ impl Table {
 /// `value` with `decimals` digits, or "-" when absent.
 pub fn fixed(value: Option<f64>, decimals: usize) -> String {
     match value {
-        Some(v) => format!("{v:.decimals$}"),
+        // Rounded first so the table and the JSON line agree to the last digit.
+        Some(v) => format!("{:.decimals$}", round(v, decimals as i32)),
         None => "-".to_owned(),
     }
 }

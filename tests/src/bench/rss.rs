@@ -46,8 +46,9 @@ mod tests {
 
     #[test]
     fn reads_own_rss() {
-        let rss = vm_rss_kib(std::process::id()).unwrap();
-        assert!(rss > 0);
-        assert!(vm_hwm_kib(std::process::id()).unwrap() >= rss);
+        // The two are read at different moments (and the peak is updated lazily), so
+        // they are not compared.
+        assert!(vm_rss_kib(std::process::id()).unwrap() > 0);
+        assert!(vm_hwm_kib(std::process::id()).unwrap() > 0);
     }
 }

@@ -1,7 +1,8 @@
-//! The servers benchmarks talk to, run as tasks in the benchmark process: a sink that
-//! counts what it receives, and an echo server.
+//! The servers benchmarks talk to, run inside the benchmark process: a sink that counts
+//! what it receives (each connection on a blocking thread of its own, as bulk transfer is
+//! measured best), and an echo server (tasks on the runtime).
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,17 +62,22 @@ where
     Ok((addr, task))
 }
 
-async fn sink(mut tcp: TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; SINK_BUFFER];
-    let mut total = 0u64;
-    loop {
-        match tcp.read(&mut buf).await? {
-            0 => break,
-            n => total += n as u64,
+async fn sink(tcp: TcpStream) -> io::Result<()> {
+    let mut tcp = tcp.into_std()?;
+    tcp.set_nonblocking(false)?;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; SINK_BUFFER];
+        let mut total = 0u64;
+        loop {
+            match tcp.read(&mut buf)? {
+                0 => break,
+                n => total += n as u64,
+            }
         }
-    }
-    tcp.write_all(&total.to_be_bytes()).await?;
-    tcp.shutdown().await
+        tcp.write_all(&total.to_be_bytes())?;
+        tcp.shutdown(std::net::Shutdown::Write)
+    })
+    .await?
 }
 
 async fn echo(mut tcp: TcpStream) -> io::Result<()> {

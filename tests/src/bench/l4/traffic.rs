@@ -2,6 +2,7 @@
 //! response round trips, and connections held open. Each checks every byte it gets back
 //! and fails on the first mismatch.
 
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ use crate::bench::stats::{gbit_per_s, Latencies};
 
 const WRITE_CHUNK: usize = 128 << 10;
 const MESSAGE: usize = 1024;
+/// How long a sender waits for the sink's count once it has stopped writing.
+const SINK_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many connections open at once while filling up to `--hold-conns`.
 const OPEN_CONCURRENCY: usize = 32;
 
@@ -67,29 +70,39 @@ pub(super) async fn throughput(
     }
     let start = Instant::now();
     let deadline = start + duration;
+    // Blocking writes on threads of their own: bulk transfer gains nothing from the
+    // async runtime, and a sender sharing a worker with other tasks measures the sharing.
     let mut senders = JoinSet::new();
     for conn in conns {
-        senders.spawn(send_until(conn, deadline));
+        let conn = blocking(conn)?;
+        senders.spawn_blocking(move || send_until(conn, deadline));
     }
     let mut total = 0;
     while let Some(sent) = senders.join_next().await {
-        total += sent.context("sender task")??;
+        total += sent.context("sender thread")??;
     }
     Ok(gbit_per_s(total, start.elapsed()))
 }
 
+fn blocking(conn: TcpStream) -> anyhow::Result<std::net::TcpStream> {
+    let conn = conn.into_std()?;
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(SINK_REPLY_TIMEOUT))?;
+    Ok(conn)
+}
+
 /// Writes until `deadline`, half-closes, and checks the sink's byte count.
-async fn send_until(mut conn: TcpStream, deadline: Instant) -> anyhow::Result<u64> {
+fn send_until(mut conn: std::net::TcpStream, deadline: Instant) -> anyhow::Result<u64> {
     let chunk = vec![0x5a_u8; WRITE_CHUNK];
     let mut sent = 0u64;
     while Instant::now() < deadline {
-        conn.write_all(&chunk).await.context("write")?;
+        conn.write_all(&chunk).context("write")?;
         sent += chunk.len() as u64;
     }
-    conn.shutdown().await.context("half-close")?;
+    conn.shutdown(std::net::Shutdown::Write)
+        .context("half-close")?;
     let mut count = [0u8; 8];
     conn.read_exact(&mut count)
-        .await
         .context("reading the sink's byte count after half-close")?;
     let received = u64::from_be_bytes(count);
     ensure!(
@@ -162,6 +175,7 @@ pub(super) async fn connect_request_response(
     Ok(latencies)
 }
 
+/// `n` connections, opened a few at a time, each having carried a few bytes each way.
 pub(super) async fn open_held(
     dialer: Dialer,
     dst: SocketAddr,
@@ -188,10 +202,7 @@ pub(super) async fn open_held(
 async fn next_opened(
     opening: &mut JoinSet<anyhow::Result<TcpStream>>,
 ) -> anyhow::Result<TcpStream> {
-    let joined = opening
-        .join_next()
-        .await
-        .expect("called with tasks pending");
+    let joined = opening.join_next().await.context("no connection pending")?;
     joined.context("opening task")?
 }
 

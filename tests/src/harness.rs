@@ -4,13 +4,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::testing::echo_server;
 use mesh_core::tls::CertificateAuthority;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use ztunnel::app::App;
 use ztunnel::config::{Config, Ports};
+use ztunnel::telemetry::{ConnRecord, Direction};
 
 /// Two nodes: node1 runs `client` (ns default) and `other` (ns other); node2 runs `echo`
 /// and `echo2` behind service `echo` (VIP 127.B.10.1:80 -> 8080).
@@ -23,6 +27,16 @@ workloads:
 services:
   - {name: echo, namespace: default, vips: [127.B.10.1], ports: [{port: 80, targetPort: 8080}], selector: {app: echo}}
 "#;
+
+/// How a test client reaches the mesh.
+#[derive(Clone, Copy, Debug)]
+pub enum Route {
+    /// Through node1's SOCKS5 listener.
+    Socks,
+    /// A plain connect, taken to node1's capture listener by redirection rules the test
+    /// installed (see `netns`).
+    Captured,
+}
 
 pub struct Mesh {
     pub block: u8,
@@ -48,6 +62,11 @@ fn claim_block() -> (u8, std::net::TcpListener) {
 impl Mesh {
     /// Starts both nodes with `config` (a YAML text where `127.B.` stands for the block).
     pub async fn start(config: &str) -> Mesh {
+        Mesh::start_with(config, |_| {}).await
+    }
+
+    /// As [`Mesh::start`], with `tweak` applied to each node's config before it starts.
+    pub async fn start_with(config: &str, tweak: impl Fn(&mut Config)) -> Mesh {
         let (block, lock) = claim_block();
         let dir = std::env::temp_dir().join(format!("mesh-test-{}-{block}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -76,6 +95,7 @@ impl Mesh {
             };
             c.access_log_stdout = false;
             c.config_poll = Duration::from_millis(50);
+            tweak(&mut c);
             c
         };
         let node1 = ztunnel::app::build(node("node1", 11)).await.unwrap();
@@ -117,6 +137,20 @@ impl Mesh {
     pub async fn socks(&self, src: IpAddr, dst: SocketAddr) -> Result<TcpStream, u8> {
         socks_connect(src, self.node1.bound().socks5, dst).await
     }
+
+    /// A connection from workload `src` on node1 to `dst`, the way `route` says.
+    pub async fn connect(&self, route: Route, src: IpAddr, dst: SocketAddr) -> TcpStream {
+        match route {
+            Route::Socks => self.socks(src, dst).await.unwrap_or_else(|code| {
+                panic!("SOCKS5 CONNECT {src} -> {dst} refused with reply {code}")
+            }),
+            Route::Captured => {
+                let sock = TcpSocket::new_v4().unwrap();
+                sock.bind(SocketAddr::new(src, 0)).unwrap();
+                sock.connect(dst).await.unwrap()
+            }
+        }
+    }
 }
 
 impl Drop for Mesh {
@@ -150,5 +184,118 @@ pub async fn socks_connect(
     match reply[1] {
         0 => Ok(tcp),
         code => Err(code),
+    }
+}
+
+/// Sends `len` pseudo-random bytes and checks the echo hashes the same.
+pub async fn echo_roundtrip(mut tcp: TcpStream, len: usize) {
+    let (mut r, mut w) = tcp.split();
+    let writer = async {
+        let mut hash = Sha256::new();
+        let mut chunk = vec![0u8; 256 << 10];
+        let mut left = len;
+        let mut seed = len as u64 + 1;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            for b in chunk[..n].iter_mut() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *b = (seed >> 56) as u8;
+            }
+            w.write_all(&chunk[..n]).await.unwrap();
+            hash.update(&chunk[..n]);
+            left -= n;
+        }
+        w.shutdown().await.unwrap();
+        hash.finalize()
+    };
+    let reader = async {
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0usize;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            got += n;
+        }
+        (hash.finalize(), got)
+    };
+    let (sent, (received, got)) = tokio::join!(writer, reader);
+    assert_eq!(got, len);
+    assert_eq!(sent, received, "echoed bytes differ for {len} bytes");
+}
+
+/// The next access-log record, within 5 s.
+pub async fn next_log(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<ConnRecord>>,
+) -> Arc<ConnRecord> {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("no access log within 5 s")
+        .unwrap()
+}
+
+/// Half-close both ways through the mesh: the client closes first and still reads the
+/// echo; the server closes first and still reads what the client sends afterwards.
+pub async fn half_close_checks(mesh: &Mesh, route: Route) {
+    let mut inbound = mesh.node2.proxy().log.subscribe();
+    echo_server(mesh.addr("2.10", 8080)).await.unwrap();
+    let mut c = mesh
+        .connect(route, mesh.ip("1.10"), mesh.addr("2.10", 8080))
+        .await;
+    c.write_all(b"first").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, b"first");
+    assert!(next_log(&mut inbound).await.mtls, "went through the mesh");
+
+    let listener = tokio::net::TcpListener::bind(mesh.addr("2.11", 8080))
+        .await
+        .unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"bye").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let mut c = mesh
+        .connect(route, mesh.ip("1.10"), mesh.addr("2.11", 8080))
+        .await;
+    let mut first = Vec::new();
+    c.read_to_end(&mut first).await.unwrap();
+    assert_eq!(first, b"bye");
+    c.write_all(b"after the server's FIN").await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_eq!(server.await.unwrap(), b"after the server's FIN");
+    assert!(next_log(&mut inbound).await.mtls, "went through the mesh");
+}
+
+/// 1 B, 64 KiB and 1 GiB from workload 1.10 on node1 to the echo server on node2 come back
+/// identical (SHA-256), and node2 saw the client's SPIFFE identity over mTLS.
+pub async fn identical_bytes_checks(mesh: &Mesh, route: Route) {
+    echo_server(mesh.addr("2.10", 8080)).await.unwrap();
+    let mut inbound = mesh.node2.proxy().log.subscribe();
+    for len in [1usize, 64 << 10, 1 << 30] {
+        let tcp = mesh
+            .connect(route, mesh.ip("1.10"), mesh.addr("2.10", 8080))
+            .await;
+        echo_roundtrip(tcp, len).await;
+        let rec = next_log(&mut inbound).await;
+        assert_eq!(rec.direction, Direction::Inbound);
+        assert_eq!(
+            rec.src_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/client"),
+            "the server side saw the client's identity"
+        );
+        assert!(rec.mtls);
+        assert_eq!(rec.bytes_sent, len as u64);
+        assert_eq!(rec.bytes_received, len as u64);
     }
 }

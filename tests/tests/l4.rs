@@ -5,122 +5,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::testing::{echo_server, greeting_echo_server};
-use mesh_tests::harness::{Mesh, BASE_CONFIG};
-use sha2::{Digest, Sha256};
+use mesh_tests::harness::{
+    echo_roundtrip, half_close_checks, identical_bytes_checks, next_log, Mesh, Route, BASE_CONFIG,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use ztunnel::telemetry::{ConnRecord, Direction, Outcome};
-
-/// Sends `len` pseudo-random bytes and checks the echo hashes the same.
-async fn echo_roundtrip(mut tcp: TcpStream, len: usize) {
-    let (mut r, mut w) = tcp.split();
-    let writer = async {
-        let mut hash = Sha256::new();
-        let mut chunk = vec![0u8; 256 << 10];
-        let mut left = len;
-        let mut seed = len as u64 + 1;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            for b in chunk[..n].iter_mut() {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                *b = (seed >> 56) as u8;
-            }
-            w.write_all(&chunk[..n]).await.unwrap();
-            hash.update(&chunk[..n]);
-            left -= n;
-        }
-        w.shutdown().await.unwrap();
-        hash.finalize()
-    };
-    let reader = async {
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut got = 0usize;
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-            got += n;
-        }
-        (hash.finalize(), got)
-    };
-    let (sent, (received, got)) = tokio::join!(writer, reader);
-    assert_eq!(got, len);
-    assert_eq!(sent, received, "echoed bytes differ for {len} bytes");
-}
-
-async fn next_log(rx: &mut tokio::sync::broadcast::Receiver<Arc<ConnRecord>>) -> Arc<ConnRecord> {
-    tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("no access log within 5 s")
-        .unwrap()
-}
+use ztunnel::telemetry::Outcome;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks_carries_identical_bytes() {
     let mesh = Mesh::start(BASE_CONFIG).await;
-    echo_server(mesh.addr("2.10", 8080)).await.unwrap();
-    let mut inbound = mesh.node2.proxy().log.subscribe();
-    for len in [1usize, 64 << 10, 1 << 30] {
-        let tcp = mesh
-            .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
-            .await
-            .unwrap();
-        echo_roundtrip(tcp, len).await;
-        let rec = next_log(&mut inbound).await;
-        assert_eq!(rec.direction, Direction::Inbound);
-        assert_eq!(
-            rec.src_identity.as_deref(),
-            Some("spiffe://cluster.local/ns/default/sa/client"),
-            "the server side saw the client's identity"
-        );
-        assert!(rec.mtls);
-        assert_eq!(rec.bytes_sent, len as u64);
-        assert_eq!(rec.bytes_received, len as u64);
-    }
+    identical_bytes_checks(&mesh, Route::Socks).await;
 }
 
 #[tokio::test]
 async fn half_close_both_directions() {
     let mesh = Mesh::start(BASE_CONFIG).await;
-    // Client closes first: the echo keeps sending what it got, then closes.
-    echo_server(mesh.addr("2.10", 8080)).await.unwrap();
-    let mut c = mesh
-        .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
-        .await
-        .unwrap();
-    c.write_all(b"first").await.unwrap();
-    c.shutdown().await.unwrap();
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).await.unwrap();
-    assert_eq!(out, b"first");
-
-    // Server closes first: the client can still send afterwards and the server gets it.
-    let listener = tokio::net::TcpListener::bind(mesh.addr("2.11", 8080))
-        .await
-        .unwrap();
-    let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        s.write_all(b"bye").await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await.unwrap();
-        got
-    });
-    let mut c = mesh
-        .socks(mesh.ip("1.10"), mesh.addr("2.11", 8080))
-        .await
-        .unwrap();
-    let mut first = Vec::new();
-    c.read_to_end(&mut first).await.unwrap();
-    assert_eq!(first, b"bye");
-    c.write_all(b"after the server's FIN").await.unwrap();
-    c.shutdown().await.unwrap();
-    assert_eq!(server.await.unwrap(), b"after the server's FIN");
+    half_close_checks(&mesh, Route::Socks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

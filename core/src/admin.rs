@@ -139,18 +139,7 @@ impl Readiness {
 /// Serves `routes` on `listener` until drained.
 pub async fn serve(listener: TcpListener, routes: Routes, drain: Drain) {
     let routes = Arc::new(routes);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = drain.signaled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("admin accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = drain.accept(&listener, "admin").await {
         let routes = routes.clone();
         let drain = drain.clone();
         tokio::spawn(async move {

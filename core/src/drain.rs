@@ -4,9 +4,15 @@
 //! Every listener and connection task holds a `Drain`. The trigger knows the work is over
 //! when every `Drain` clone has been dropped.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tracing::warn;
+
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
@@ -54,6 +60,28 @@ impl Drain {
 
     pub fn is_draining(&self) -> bool {
         *self.rx.borrow() >= Phase::Draining
+    }
+
+    /// The next connection on `listener`, or None once draining has started. Accept
+    /// errors (out of descriptors and the like) are logged under `name` and retried after
+    /// a short pause instead of spinning.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        name: &str,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            tokio::select! {
+                _ = self.signaled() => return None,
+                r = listener.accept() => match r {
+                    Ok(accepted) => return Some(accepted),
+                    Err(e) => {
+                        warn!(listener = name, "accept: {e}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+            }
+        }
     }
 
     async fn reached(&self, phase: Phase) {
@@ -115,5 +143,20 @@ mod tests {
         assert_eq!(out, DrainOutcome::Forced);
         assert!(started.elapsed() >= Duration::from_millis(100));
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn accept_returns_connections_until_draining() {
+        let (trigger, drain) = new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (_, peer) = drain.accept(&listener, "test").await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        let accepting = tokio::spawn(async move { drain.accept(&listener, "test").await });
+        trigger
+            .drain(Duration::from_secs(5), Duration::from_secs(1))
+            .await;
+        assert!(accepting.await.unwrap().is_none());
     }
 }

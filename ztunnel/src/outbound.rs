@@ -274,18 +274,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let drain = proxy.drain.clone();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = drain.signaled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(listener = name, "accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = drain.accept(&listener, name).await {
         let _ = tcp.set_nodelay(true);
         let span = tracing::debug_span!("conn", listener = name, %peer);
         let held = drain.clone();

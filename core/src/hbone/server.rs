@@ -83,19 +83,7 @@ pub async fn serve(
     drain: Drain,
 ) {
     let cfg = Arc::new(cfg);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = drain.signaled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    warn!("HBONE accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = drain.accept(&listener, "hbone").await {
         let conn = ServerConn {
             tls_for: tls_for.clone(),
             handler: handler.clone(),

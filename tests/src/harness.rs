@@ -295,6 +295,11 @@ pub async fn identical_bytes_checks(mesh: &Mesh, route: Route) {
             "the server side saw the client's identity"
         );
         assert!(rec.mtls);
+        assert_eq!(
+            rec.dst_service.as_deref(),
+            Some("echo.default.svc.cluster.local"),
+            "port 8080 of an endpoint of service echo"
+        );
         assert_eq!(rec.bytes_sent, len as u64);
         assert_eq!(rec.bytes_received, len as u64);
     }

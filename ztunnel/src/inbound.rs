@@ -30,6 +30,13 @@ impl Proxy {
             .cloned()
     }
 
+    /// The hostname of the service the connection was for, for metrics and logs.
+    fn service_name(&self, dst: &Workload, port: u16) -> Option<String> {
+        let snap = self.state.load();
+        snap.service_for_endpoint(&dst.uid, port)
+            .map(|s| s.hostname.clone())
+    }
+
     fn decide(&self, dst: &Workload, conn: &ConnInfo<'_>, rec: &mut ConnRecord) -> bool {
         let decision = self.state.load().policies.evaluate(dst, conn);
         match decision {
@@ -70,6 +77,7 @@ impl Proxy {
             return self.finish(rec, started);
         };
         rec.set_destination(&dst);
+        rec.dst_service = self.service_name(&dst, authority.port());
         let conn = ConnInfo {
             src_identity: Some(&req.peer),
             src_ip: client.ip(),
@@ -116,6 +124,7 @@ impl Proxy {
             return self.finish(rec, started);
         };
         rec.set_destination(&dst);
+        rec.dst_service = self.service_name(&dst, dst_addr.port());
         if dst.protocol == Protocol::Hbone
             && self.state.load().peer_authentication.mode_for(&dst) == MtlsMode::Strict
         {

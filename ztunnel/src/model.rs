@@ -125,6 +125,9 @@ pub struct Snapshot {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     #[serde(skip)]
     by_host: HashMap<String, Arc<Service>>,
+    /// Workload uid -> the services it is an endpoint of.
+    #[serde(skip)]
+    by_endpoint: HashMap<String, Vec<Arc<Service>>>,
 }
 
 impl Snapshot {
@@ -152,6 +155,12 @@ impl Snapshot {
             .iter()
             .map(|s| (s.hostname.clone(), s.clone()))
             .collect();
+        let mut by_endpoint: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
+        for s in &services {
+            for uid in &s.endpoints {
+                by_endpoint.entry(uid.clone()).or_default().push(s.clone());
+            }
+        }
         Snapshot {
             trust_domain,
             workloads,
@@ -161,6 +170,7 @@ impl Snapshot {
             by_ip,
             by_vip,
             by_host,
+            by_endpoint,
         }
     }
 
@@ -185,6 +195,15 @@ impl Snapshot {
                 host == short || host == format!("{short}.svc")
             })
         })
+    }
+
+    /// The service a connection to workload `uid` on `target_port` was meant for: the
+    /// first service that has the workload as an endpoint and maps a port to that one.
+    pub fn service_for_endpoint(&self, uid: &str, target_port: u16) -> Option<&Arc<Service>> {
+        self.by_endpoint
+            .get(uid)?
+            .iter()
+            .find(|s| s.ports.iter().any(|p| p.target_port == target_port))
     }
 
     /// Workloads served by the ztunnel of `node`.

@@ -13,7 +13,6 @@ mod client;
 mod mesh;
 mod metrics;
 mod report;
-mod socks;
 mod topology;
 mod traffic;
 mod workdir;

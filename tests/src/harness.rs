@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::socks5::{self, ConnectError};
 use mesh_core::testing::echo_server;
 use mesh_core::tls::CertificateAuthority;
 use sha2::{Digest, Sha256};
@@ -133,9 +134,15 @@ impl Mesh {
     }
 
     /// A SOCKS5 connection from workload `src` through node1 to `dst`. Err(code) when
-    /// the ztunnel refused with SOCKS reply `code`.
+    /// the ztunnel refused with SOCKS reply `code`, Err(255) when it closed the connection
+    /// before replying; anything else fails the test.
     pub async fn socks(&self, src: IpAddr, dst: SocketAddr) -> Result<TcpStream, u8> {
-        socks_connect(src, self.node1.bound().socks5, dst).await
+        match socks5::connect(src, self.node1.bound().socks5, dst).await {
+            Ok(tcp) => Ok(tcp),
+            Err(ConnectError::Refused { code }) => Err(code),
+            Err(ConnectError::Closed { .. }) => Err(255),
+            Err(e) => panic!("SOCKS5 CONNECT {src} -> {dst}: {e}"),
+        }
     }
 
     /// A connection from workload `src` on node1 to `dst`, the way `route` says.
@@ -156,34 +163,6 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// SOCKS5 CONNECT from `src` via `proxy` to `dst` (IPv4).
-pub async fn socks_connect(
-    src: IpAddr,
-    proxy: SocketAddr,
-    dst: SocketAddr,
-) -> Result<TcpStream, u8> {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(src, 0)).unwrap();
-    let mut tcp = sock.connect(proxy).await.unwrap();
-    tcp.write_all(&[5, 1, 0]).await.unwrap();
-    let mut hello = [0u8; 2];
-    tcp.read_exact(&mut hello).await.unwrap();
-    assert_eq!(hello, [5, 0]);
-    let IpAddr::V4(ip) = dst.ip() else {
-        panic!("IPv4 only")
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&ip.octets());
-    req.extend_from_slice(&dst.port().to_be_bytes());
-    tcp.write_all(&req).await.unwrap();
-    let mut reply = [0u8; 10];
-    tcp.read_exact(&mut reply).await.map_err(|_| 255u8)?;
-    match reply[1] {
-        0 => Ok(tcp),
-        code => Err(code),
     }
 }
 

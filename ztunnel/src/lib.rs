@@ -14,5 +14,4 @@ pub mod model;
 pub mod outbound;
 pub mod policy;
 pub mod proxy;
-pub mod socks5;
 pub mod telemetry;

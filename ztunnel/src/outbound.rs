@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mesh_core::hbone::{ConnectRequest, HboneError, PoolKey};
+use mesh_core::socks5::{self, Reply, Target};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn, Instrument};
 
 use crate::model::{Protocol, Service, Snapshot, Workload};
 use crate::proxy::{original_dst, Proxy, Upstream};
-use crate::socks5::{self, Reply, Target};
 use crate::telemetry::{ConnRecord, Direction, Outcome};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,12 +7,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use mesh_core::socks5::{self, ConnectError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::socks::{self, Reply};
-
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The client's view of one connection.
@@ -56,16 +56,19 @@ pub async fn run(proxy: SocketAddr, from: IpAddr, target: SocketAddr, payload: &
         sent: 0,
         received: 0,
     };
-    let mut stream = match socks::dial(proxy, from).await {
-        Ok(stream) => stream,
-        Err(e) => return seen.failed(format!("{e:#}")),
+    // Dialed apart from the handshake so the local address, which the access logs are
+    // joined on, is known even when the proxy refuses.
+    let mut stream = match timeout(DIAL_TIMEOUT, socks5::dial(from, proxy)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return seen.failed(e.to_string()),
+        Err(_) => return seen.failed(format!("connect to SOCKS5 proxy {proxy}: timed out")),
     };
     seen.local = stream.local_addr().ok();
-    match timeout(STEP_TIMEOUT, socks::connect(&mut stream, target)).await {
-        Ok(Ok(Reply::Succeeded)) => exchange(stream, payload, &mut seen).await,
-        Ok(Ok(Reply::Refused(code))) => seen.outcome = Outcome::Refused(code),
-        Ok(Ok(Reply::Closed)) => seen.outcome = Outcome::ClosedWithoutData,
-        Ok(Err(e)) => return seen.failed(format!("SOCKS5: {e:#}")),
+    match timeout(STEP_TIMEOUT, socks5::client_handshake(&mut stream, target)).await {
+        Ok(Ok(())) => exchange(stream, payload, &mut seen).await,
+        Ok(Err(ConnectError::Refused { code })) => seen.outcome = Outcome::Refused(code),
+        Ok(Err(ConnectError::Closed { .. })) => seen.outcome = Outcome::ClosedWithoutData,
+        Ok(Err(e)) => return seen.failed(e.to_string()),
         Err(_) => return seen.failed("SOCKS5 reply timed out".into()),
     }
     seen
@@ -79,7 +82,7 @@ pub fn describe(seen: &Seen) -> String {
         Outcome::Refused(code) => {
             format!(
                 "refused, SOCKS5 reply {code:#04x} ({})",
-                socks::meaning(*code)
+                socks5::reply_name(*code)
             )
         }
         Outcome::ClosedWithoutData => "closed before any data arrived".into(),
@@ -121,7 +124,7 @@ async fn read_greeting(stream: &mut BufReader<TcpStream>) -> Result<String, Outc
     match timeout(STEP_TIMEOUT, stream.read_line(&mut greeting)).await {
         Ok(Ok(0)) => Err(Outcome::ClosedWithoutData),
         Ok(Ok(_)) => Ok(greeting),
-        Ok(Err(e)) if socks::closed(&e) => Err(Outcome::ClosedWithoutData),
+        Ok(Err(e)) if socks5::is_closed(&e) => Err(Outcome::ClosedWithoutData),
         Ok(Err(e)) => Err(Outcome::Failed(format!("read greeting: {e}"))),
         Err(_) => Err(Outcome::Failed(format!(
             "no greeting within {STEP_TIMEOUT:?}"

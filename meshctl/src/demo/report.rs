@@ -3,9 +3,10 @@
 //!
 //! Pure formatting: no I/O and no verdicts (those are in `check`).
 
+use mesh_core::socks5;
+
 use super::access_log::Entry;
 use super::client::Outcome;
-use super::socks;
 use super::traffic::Connection;
 
 const HEADER: [&str; 10] = [
@@ -129,7 +130,7 @@ fn client_note(c: &Connection) -> Option<String> {
         Outcome::Echoed => return None,
         Outcome::Refused(code) => format!(
             "the client got SOCKS5 reply {code:#04x} ({})",
-            socks::meaning(*code)
+            socks5::reply_name(*code)
         ),
         Outcome::ClosedWithoutData => "the connection closed before any byte arrived".into(),
         Outcome::Mismatch => "the bytes that came back were not the bytes sent".into(),

@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use mesh_core::socks5::ConnectError;
 use mesh_core::tls::CertificateAuthority;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::process::{ChildGuard, Spawn, Stdout};
-use super::socks5::{self, Socks5Error};
+use super::socks5;
 
 pub const HBONE_PORT: u16 = 15008;
 pub const SOCKS5_PORT: u16 = 15080;
@@ -196,7 +197,7 @@ impl LoopbackMesh {
         &self,
         src_ip: IpAddr,
         dst: SocketAddr,
-    ) -> Result<TcpStream, Socks5Error> {
+    ) -> Result<TcpStream, ConnectError> {
         socks5::connect(src_ip, self.socks_addr_for(src_ip), dst).await
     }
 

@@ -1,112 +1,29 @@
-//! SOCKS5 (RFC 1928) client side, as a workload that is not captured reaches the mesh
-//! through its node's ztunnel: no authentication, CONNECT to an IP address.
+//! How the benchmark reaches the mesh: SOCKS5 (mesh_core's client) over a TCP connection
+//! from the client workload's IP, with source ports chosen here rather than by the kernel.
 //!
 //! The ztunnel identifies the source workload by the source IP of the connection, so the
-//! socket is bound to the workload's address before connecting.
+//! socket is bound to the workload's address before connecting. The same port walking
+//! serves the direct route, so both routes pay the same cost to open a connection.
 
-use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use mesh_core::socks5::{self, ConnectError};
 use tokio::net::{TcpSocket, TcpStream};
 
-const VERSION: u8 = 0x05;
-const METHOD_NO_AUTH: u8 = 0x00;
-const CMD_CONNECT: u8 = 0x01;
-const ATYP_IPV4: u8 = 0x01;
-const ATYP_DOMAIN: u8 = 0x03;
-const ATYP_IPV6: u8 = 0x04;
-const REP_SUCCEEDED: u8 = 0x00;
-
-#[derive(Debug)]
-pub enum Socks5Error {
-    /// The TCP connection to the proxy could not be made.
-    Connect {
-        src: IpAddr,
-        proxy: SocketAddr,
-        source: io::Error,
-    },
-    /// The connection broke during the handshake.
-    Handshake {
-        proxy: SocketAddr,
-        stage: &'static str,
-        source: io::Error,
-    },
-    /// The proxy spoke, but not the protocol we expect.
-    Protocol { proxy: SocketAddr, detail: String },
-    /// The proxy refused the CONNECT with this RFC 1928 reply code (e.g. 0x02 "not allowed
-    /// by ruleset" when policy denies, 0x05 "connection refused").
-    Rejected {
-        proxy: SocketAddr,
-        dst: SocketAddr,
-        code: u8,
-    },
-}
-
-impl fmt::Display for Socks5Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Socks5Error::Connect { src, proxy, source } => {
-                write!(f, "connect from {src} to SOCKS5 proxy {proxy}: {source}")
-            }
-            Socks5Error::Handshake {
-                proxy,
-                stage,
-                source,
-            } => write!(f, "SOCKS5 {stage} with {proxy}: {source}"),
-            Socks5Error::Protocol { proxy, detail } => {
-                write!(f, "SOCKS5 proxy {proxy}: {detail}")
-            }
-            Socks5Error::Rejected { proxy, dst, code } => write!(
-                f,
-                "SOCKS5 proxy {proxy} rejected CONNECT {dst} with reply {code:#04x} ({})",
-                reply_name(*code)
-            ),
-        }
-    }
-}
-
-impl std::error::Error for Socks5Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Socks5Error::Connect { source, .. } | Socks5Error::Handshake { source, .. } => {
-                Some(source)
-            }
-            Socks5Error::Protocol { .. } | Socks5Error::Rejected { .. } => None,
-        }
-    }
-}
-
-/// RFC 1928 section 6 names of the reply codes.
-pub fn reply_name(code: u8) -> &'static str {
-    match code {
-        0x00 => "succeeded",
-        0x01 => "general SOCKS server failure",
-        0x02 => "connection not allowed by ruleset",
-        0x03 => "network unreachable",
-        0x04 => "host unreachable",
-        0x05 => "connection refused",
-        0x06 => "TTL expired",
-        0x07 => "command not supported",
-        0x08 => "address type not supported",
-        _ => "unassigned",
-    }
-}
-
-/// Opens a TCP connection from `src` (port chosen by the kernel) to `dst` through the
-/// SOCKS5 proxy at `proxy`; on success the stream carries bytes to and from `dst`.
-/// TCP_NODELAY is set, as request/response clients do.
+/// Opens a TCP connection from `src` to `dst` through the SOCKS5 proxy at `proxy`, the
+/// source port from [`bound_connect`]; on success the stream carries bytes to and from
+/// `dst`. TCP_NODELAY is set, as request/response clients do.
 pub async fn connect(
     src: IpAddr,
     proxy: SocketAddr,
     dst: SocketAddr,
-) -> Result<TcpStream, Socks5Error> {
+) -> Result<TcpStream, ConnectError> {
     let mut stream = bound_connect(src, proxy)
         .await
-        .map_err(|source| Socks5Error::Connect { src, proxy, source })?;
-    handshake(&mut stream, proxy, dst).await?;
+        .map_err(|source| ConnectError::Dial { src, proxy, source })?;
+    socks5::client_handshake(&mut stream, dst).await?;
     Ok(stream)
 }
 
@@ -168,134 +85,40 @@ fn port_taken(e: &io::Error) -> bool {
     )
 }
 
-/// Runs the method negotiation and the CONNECT on an open connection to the proxy.
-pub async fn handshake(
-    stream: &mut TcpStream,
-    proxy: SocketAddr,
-    dst: SocketAddr,
-) -> Result<(), Socks5Error> {
-    let io_err = |stage| {
-        move |source| Socks5Error::Handshake {
-            proxy,
-            stage,
-            source,
-        }
-    };
-    let protocol = |detail: String| Socks5Error::Protocol { proxy, detail };
-
-    stream
-        .write_all(&[VERSION, 1, METHOD_NO_AUTH])
-        .await
-        .map_err(io_err("greeting"))?;
-    let mut choice = [0u8; 2];
-    stream
-        .read_exact(&mut choice)
-        .await
-        .map_err(io_err("method reply"))?;
-    if choice != [VERSION, METHOD_NO_AUTH] {
-        return Err(protocol(format!("method reply {choice:02x?}, want 05 00")));
-    }
-
-    stream
-        .write_all(&connect_request(dst))
-        .await
-        .map_err(io_err("CONNECT request"))?;
-    let mut head = [0u8; 4];
-    stream
-        .read_exact(&mut head)
-        .await
-        .map_err(io_err("CONNECT reply"))?;
-    if head[0] != VERSION {
-        return Err(protocol(format!("CONNECT reply version {:#04x}", head[0])));
-    }
-    // The bound address follows even in a failure reply; read it so the stream is left
-    // exactly at the payload.
-    let bound_len = match head[3] {
-        ATYP_IPV4 => 4 + 2,
-        ATYP_IPV6 => 16 + 2,
-        ATYP_DOMAIN => {
-            let mut len = [0u8; 1];
-            stream
-                .read_exact(&mut len)
-                .await
-                .map_err(io_err("CONNECT reply"))?;
-            usize::from(len[0]) + 2
-        }
-        other => return Err(protocol(format!("CONNECT reply address type {other:#04x}"))),
-    };
-    let mut bound = [0u8; 257];
-    stream
-        .read_exact(&mut bound[..bound_len])
-        .await
-        .map_err(io_err("CONNECT reply"))?;
-    if head[1] != REP_SUCCEEDED {
-        return Err(Socks5Error::Rejected {
-            proxy,
-            dst,
-            code: head[1],
-        });
-    }
-    Ok(())
-}
-
-fn connect_request(dst: SocketAddr) -> Vec<u8> {
-    let mut req = vec![VERSION, CMD_CONNECT, 0x00];
-    match dst.ip() {
-        IpAddr::V4(ip) => {
-            req.push(ATYP_IPV4);
-            req.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            req.push(ATYP_IPV6);
-            req.extend_from_slice(&ip.octets());
-        }
-    }
-    req.extend_from_slice(&dst.port().to_be_bytes());
-    req
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A one-shot proxy that checks the client's bytes and answers with `reply`, then
-    /// echoes.
-    async fn fake_proxy(reply: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut greeting = [0u8; 3];
-            tcp.read_exact(&mut greeting).await.unwrap();
-            tcp.write_all(&[5, 0]).await.unwrap();
-            let mut request = [0u8; 10];
-            tcp.read_exact(&mut request).await.unwrap();
-            tcp.write_all(&reply).await.unwrap();
-            let mut seen = greeting.to_vec();
-            seen.extend_from_slice(&request);
-            let mut rest = [0u8; 4];
-            if tcp.read_exact(&mut rest).await.is_ok() {
-                tcp.write_all(&rest).await.unwrap();
-            }
-            seen
-        });
-        (addr, task)
-    }
-
     #[tokio::test]
-    async fn connects_and_carries_payload() {
-        let (proxy, task) = fake_proxy(vec![5, 0, 0, 1, 127, 0, 0, 1, 0x12, 0x34]).await;
+    async fn connect_walks_source_ports_and_carries_payload() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
         let dst: SocketAddr = "127.0.2.10:8080".parse().unwrap();
-        let mut stream = connect("127.0.0.1".parse().unwrap(), proxy, dst)
-            .await
-            .unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, peer) = listener.accept().await.unwrap();
+            let target = socks5::handshake(&mut tcp).await.unwrap();
+            let bound = tcp.local_addr().unwrap();
+            socks5::reply(&mut tcp, socks5::Reply::Succeeded, bound)
+                .await
+                .unwrap();
+            let mut ping = [0u8; 4];
+            tcp.read_exact(&mut ping).await.unwrap();
+            tcp.write_all(&ping).await.unwrap();
+            (target, peer)
+        });
+        let src: IpAddr = "127.0.0.2".parse().unwrap();
+        let mut stream = connect(src, proxy, dst).await.unwrap();
+        assert!(stream.nodelay().unwrap());
         stream.write_all(b"ping").await.unwrap();
         let mut echo = [0u8; 4];
         stream.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
-        let seen = task.await.unwrap();
-        assert_eq!(seen, [5, 1, 0, 5, 1, 0, 1, 127, 0, 2, 10, 0x1f, 0x90]);
+        let (target, peer) = server.await.unwrap();
+        assert_eq!(target, socks5::Target::Addr(dst));
+        assert_eq!(peer.ip(), src);
+        assert!(SOURCE_PORTS.contains(&peer.port()));
     }
 
     #[tokio::test]
@@ -316,19 +139,5 @@ mod tests {
             drop(accepted);
         }
         assert_eq!(ports.len(), 50);
-    }
-
-    #[tokio::test]
-    async fn reports_rejection_code() {
-        let (proxy, _task) = fake_proxy(vec![5, 2, 0, 1, 0, 0, 0, 0, 0, 0]).await;
-        let dst: SocketAddr = "127.0.2.10:8080".parse().unwrap();
-        let err = connect("127.0.0.1".parse().unwrap(), proxy, dst)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, Socks5Error::Rejected { code: 2, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("not allowed by ruleset"));
     }
 }

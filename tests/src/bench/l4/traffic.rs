@@ -51,7 +51,9 @@ impl Dialer {
             Route::Direct => socks5::bound_connect(self.src, dst)
                 .await
                 .with_context(|| format!("connect from {} to {dst}", self.src)),
-            Route::Mesh => Ok(socks5::connect(self.src, self.socks, dst).await?),
+            Route::Mesh => socks5::connect(self.src, self.socks, dst)
+                .await
+                .with_context(|| format!("SOCKS5 from {} via {} to {dst}", self.src, self.socks)),
         }
     }
 }

@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use tokio::io::duplex;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 const GREETING: [u8; 3] = [5, 1, 0];
 const ACCEPTED: [u8; 2] = [5, 0];
@@ -118,16 +119,7 @@ async fn reply_encodes_ipv6_bound_address() {
 
 #[tokio::test]
 async fn reply_codes_follow_rfc_1928() {
-    let outcomes = [
-        Reply::Succeeded,
-        Reply::GeneralFailure,
-        Reply::NotAllowed,
-        Reply::NetworkUnreachable,
-        Reply::HostUnreachable,
-        Reply::ConnectionRefused,
-        Reply::TtlExpired,
-    ];
-    for (code, outcome) in (0u8..).zip(outcomes) {
+    for (code, outcome) in (0u8..).zip(Reply::ALL) {
         let mut out = Vec::new();
         let bound = SocketAddr::from(([0, 0, 0, 0], 0));
         reply(&mut out, outcome, bound).await.unwrap();
@@ -362,4 +354,161 @@ fn reasons_are_distinct() {
     ];
     let reasons: HashSet<_> = errors.iter().map(Socks5Error::reason).collect();
     assert_eq!(reasons.len(), errors.len());
+}
+
+#[test]
+fn reply_names_come_from_the_one_table() {
+    for (code, outcome) in (0u8..).zip(Reply::ALL) {
+        assert_eq!(Reply::from_code(code), Some(outcome));
+        assert_eq!(reply_name(code), outcome.name());
+    }
+    assert_eq!(reply_name(0x02), "connection not allowed by ruleset");
+    assert_eq!(reply_name(0x08), "address type not supported");
+    for unassigned in [0x09, 0x80, 0xff] {
+        assert_eq!(Reply::from_code(unassigned), None);
+        assert_eq!(reply_name(unassigned), "unassigned");
+    }
+}
+
+// The client side, over TCP on 127.0.0.1: against the server side above, and against a
+// scripted proxy for answers the server side never gives.
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const DST: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 2, 10), 8080));
+
+/// A proxy made of this module's server side: answers one client with `outcome`, then
+/// echoes until the client half-closes. Yields the target it parsed and the peer it saw.
+async fn proxy(outcome: Reply) -> (SocketAddr, JoinHandle<(Target, SocketAddr)>) {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut tcp, peer) = listener.accept().await.unwrap();
+        let target = handshake_with_timeout(&mut tcp, GENEROUS).await.unwrap();
+        let bound = tcp.local_addr().unwrap();
+        reply(&mut tcp, outcome, bound).await.unwrap();
+        if outcome == Reply::Succeeded {
+            let (mut r, mut w) = tcp.split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+        }
+        (target, peer)
+    });
+    (addr, task)
+}
+
+/// A proxy that, for each answer in turn, reads the client's next message (greeting, then
+/// an IPv4 request) and writes the answer; then it hangs up. Yields the bytes it read.
+async fn scripted(answers: Vec<Vec<u8>>) -> (SocketAddr, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        for (len, answer) in [3, 10].into_iter().zip(answers) {
+            let mut message = vec![0u8; len];
+            tcp.read_exact(&mut message).await.unwrap();
+            seen.extend_from_slice(&message);
+            tcp.write_all(&answer).await.unwrap();
+        }
+        seen
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn client_connects_from_its_source_ip_and_carries_payload() {
+    let (proxy, task) = proxy(Reply::Succeeded).await;
+    let src = IpAddr::from([127, 0, 0, 2]);
+    let mut stream = connect(src, proxy, DST).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    stream.shutdown().await.unwrap();
+    let (target, peer) = task.await.unwrap();
+    assert_eq!(target, Target::Addr(DST));
+    assert_eq!(peer, stream.local_addr().unwrap());
+    assert_eq!(peer.ip(), src);
+}
+
+#[tokio::test]
+async fn client_asks_for_an_ipv6_destination_as_ipv6() {
+    let (proxy, task) = proxy(Reply::Succeeded).await;
+    let dst: SocketAddr = "[fd00::1:2]:443".parse().unwrap();
+    drop(connect(LOCALHOST, proxy, dst).await.unwrap());
+    assert_eq!(task.await.unwrap().0, Target::Addr(dst));
+}
+
+#[tokio::test]
+async fn client_reports_the_refusal_code_by_name() {
+    for outcome in [Reply::NotAllowed, Reply::HostUnreachable] {
+        let (proxy, _task) = proxy(outcome).await;
+        let err = connect(LOCALHOST, proxy, DST).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Refused { code } if code == outcome.code()),
+            "{err}"
+        );
+        assert!(err.to_string().contains(outcome.name()), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn client_sends_rfc_1928_bytes_and_leaves_the_payload_unread() {
+    // A domain as the bound address, and the first payload bytes in the reply's segment.
+    let reply = [&[5, 0, 0, 3, 4][..], b"node", &[0x3a, 0x98], b"hi"].concat();
+    let (proxy, task) = scripted(vec![vec![5, 0], reply]).await;
+    let mut stream = connect(LOCALHOST, proxy, DST).await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"hi");
+    let seen = task.await.unwrap();
+    assert_eq!(seen, [5, 1, 0, 5, 1, 0, 1, 127, 0, 2, 10, 0x1f, 0x90]);
+}
+
+#[tokio::test]
+async fn client_reports_a_proxy_that_hangs_up_before_replying() {
+    for (answers, at) in [
+        (vec![], "read method selection"),
+        (vec![vec![5, 0]], "read reply"),
+        (vec![vec![5, 0], vec![5, 0, 0, 1, 10]], "read bound address"),
+    ] {
+        let (proxy, _task) = scripted(answers).await;
+        let err = connect(LOCALHOST, proxy, DST).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Closed { stage, .. } if stage == at),
+            "{at}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_rejects_answers_rfc_1928_does_not_allow() {
+    let refused_auth = vec![vec![5, 0xff]];
+    let old_version = vec![vec![5, 0], vec![4, 0, 0, 1, 0, 0, 0, 0, 0, 0]];
+    let bad_address_type = vec![vec![5, 0], vec![5, 0, 0, 2, 0, 0, 0, 0, 0, 0]];
+    for (answers, at, what, byte) in [
+        (refused_auth, "method selection", "method", 0xff),
+        (old_version, "reply", "version", 4),
+        (bad_address_type, "reply", "address type", 2),
+    ] {
+        let (proxy, _task) = scripted(answers).await;
+        let err = connect(LOCALHOST, proxy, DST).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Protocol { stage, field, found }
+                if (stage, field, found) == (at, what, byte)),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_reports_where_it_could_not_dial() {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    drop(listener);
+    let err = connect(LOCALHOST, proxy, DST).await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectError::Dial { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&proxy.to_string()), "{err}");
 }

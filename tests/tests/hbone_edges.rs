@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_core::testing::echo_server;
-use mesh_core::tls::{identity_of, CertificateAuthority, WorkloadCert};
+use mesh_core::tls::{identity_of, CertificateAuthority, WorkloadCert, WorkloadServerVerifier};
 use mesh_core::Identity;
 use mesh_tests::harness::{Mesh, BASE_CONFIG};
 use rustls::pki_types::ServerName;
@@ -157,19 +157,84 @@ async fn untrusted_clients_fail_the_handshake_and_are_counted() {
             now - Duration::from_secs(60),
         )
         .unwrap();
+    let logs = capture_logs();
     for cert in [&stranger, &other_td, &expired] {
         let r = async {
-            let mut tls = tls_to(hbone, cert, &id("echo")).await?;
-            // TLS 1.3: the server's verdict on our certificate arrives with the first read.
-            tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
-            let mut b = [0u8; 1];
-            tls.read_exact(&mut b).await
+            let tls = tls_to(hbone, cert, &id("echo")).await?;
+            server_verdict(tls).await
         }
         .await;
         assert!(r.is_err(), "handshake with {:?} succeeded", cert.identity());
     }
+    // No client certificate at all, though the client trusts the mesh root.
+    let mut no_cert = rustls::ClientConfig::builder_with_provider(mesh_core::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(WorkloadServerVerifier::new(
+            Arc::new(roots(&mesh.ca)),
+            id("echo"),
+        )))
+        .with_no_client_auth();
+    no_cert.alpn_protocols = vec![b"h2".to_vec()];
+    let r = async {
+        let tcp = TcpStream::connect(hbone).await?;
+        let tls = TlsConnector::from(Arc::new(no_cert))
+            .connect(ServerName::IpAddress(hbone.ip().into()), tcp)
+            .await?;
+        server_verdict(tls).await
+    }
+    .await;
+    assert!(
+        r.is_err(),
+        "handshake without a client certificate succeeded"
+    );
+
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(metrics.tls_failures("server") >= before + 3);
+    assert!(metrics.tls_failures("server") >= before + 4);
+    let logged = logs.lock().unwrap().clone();
+    let logged = String::from_utf8_lossy(&logged);
+    let lines = logged
+        .lines()
+        .filter(|l| l.contains("HBONE TLS handshake failed"))
+        .count();
+    assert!(lines >= 4, "{lines} handshake failures logged:\n{logged}");
+}
+
+/// TLS 1.3: the server's verdict on our certificate arrives with the first read.
+async fn server_verdict(mut tls: TlsStream<TcpStream>) -> std::io::Result<()> {
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    let mut b = [0u8; 1];
+    tls.read_exact(&mut b).await.map(|_| ())
+}
+
+fn roots(ca: &CertificateAuthority) -> rustls::RootCertStore {
+    let mut store = rustls::RootCertStore::empty();
+    store.add(ca.root().clone()).unwrap();
+    store
+}
+
+/// Collects this process's log lines (each test runs in a process of its own).
+fn capture_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    #[derive(Clone)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Sink(buf.clone());
+    tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .try_init()
+        .expect("a log subscriber for this test process");
+    buf
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

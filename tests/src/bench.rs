@@ -10,6 +10,7 @@ pub mod cpu_latency;
 pub mod l4;
 pub mod loopback;
 pub mod process;
+pub mod relay;
 pub mod report;
 pub mod rss;
 pub mod servers;

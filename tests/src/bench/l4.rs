@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, ensure, Context as _};
 
 use super::cpu_latency::CpuDmaLatency;
+use super::relay::RelayChain;
 use super::report;
 use super::rss::{kib_to_mib, vm_rss_kib};
 use super::servers::Servers;
@@ -30,6 +31,8 @@ use traffic::{
 
 /// Extra time any step may take beyond its nominal length before it counts as stuck.
 const STEP_SLACK: Duration = Duration::from_secs(60);
+/// Open-file limit of each relay process.
+const RELAY_NOFILE: u64 = 4096;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct L4Args {
@@ -148,6 +151,7 @@ struct RouteResults {
 #[derive(Debug, Clone, Copy)]
 struct Results {
     direct: RouteResults,
+    relays: RouteResults,
     mesh: RouteResults,
     rss_idle_kib: u64,
     rss_held_kib: u64,
@@ -156,13 +160,30 @@ struct Results {
 async fn measure(plan: &Plan, mesh: &LoopbackMesh, servers: &Servers) -> anyhow::Result<Results> {
     let src = IpAddr::from(mesh.spec().client_ip);
     let socks = mesh.socks_addr_for(src);
-    let dialer = |route| Dialer { route, src, socks };
+    let exe = std::env::current_exe().context("the mesh-bench binary's path")?;
+    let chain = RelayChain::start(&exe, &[servers.sink, servers.echo], RELAY_NOFILE).await?;
+    let entry = |server| {
+        chain
+            .entry_for(server)
+            .map(|entry| (server, entry))
+            .ok_or_else(|| anyhow!("no relay for {server}"))
+    };
+    let relay_entries = [entry(servers.sink)?, entry(servers.echo)?];
+    let dialer = |route| Dialer {
+        route,
+        src,
+        socks,
+        relay_entries,
+    };
     let rss_idle_kib = idle_rss(mesh, dialer(Route::Mesh), servers.echo).await?;
     let direct = measure_route(plan, dialer(Route::Direct), servers).await?;
+    let relays = measure_route(plan, dialer(Route::Relays), servers).await?;
+    drop(chain);
     let mesh_results = measure_route(plan, dialer(Route::Mesh), servers).await?;
     let rss_held_kib = held_rss(plan, mesh, dialer(Route::Mesh), servers.echo).await?;
     Ok(Results {
         direct,
+        relays,
         mesh: mesh_results,
         rss_idle_kib,
         rss_held_kib,

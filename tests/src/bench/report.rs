@@ -6,23 +6,22 @@ use std::io::Write as _;
 
 use serde::Serialize;
 
-/// A table of metric | direct | mesh | comparison, left-aligned first column and
-/// right-aligned figures.
-#[derive(Debug, Default)]
-pub struct Table {
-    header: [String; 4],
-    rows: Vec<[String; 4]>,
+/// A table of `N` columns: a left-aligned metric name, then right-aligned figures.
+#[derive(Debug)]
+pub struct Table<const N: usize> {
+    header: [String; N],
+    rows: Vec<[String; N]>,
 }
 
-impl Table {
-    pub fn new(header: [&str; 4]) -> Self {
+impl<const N: usize> Table<N> {
+    pub fn new(header: [&str; N]) -> Self {
         Self {
             header: header.map(str::to_owned),
             rows: Vec::new(),
         }
     }
 
-    pub fn row(&mut self, cells: [String; 4]) -> &mut Self {
+    pub fn row(&mut self, cells: [String; N]) -> &mut Self {
         self.rows.push(cells);
         self
     }
@@ -35,8 +34,8 @@ impl Table {
             }
         }
         let mut out = String::new();
-        let line = |out: &mut String, cells: &[String; 4]| {
-            let [metric, rest @ ..] = cells;
+        let line = |out: &mut String, cells: &[String; N]| {
+            let (metric, rest) = cells.split_first().expect("a table has columns");
             let _ = write!(out, "{metric:<w$}", w = widths[0]);
             for (cell, w) in rest.iter().zip(&widths[1..]) {
                 let _ = write!(out, "  {cell:>w$}");

@@ -2,7 +2,7 @@
 //! `mesh-bench l4` runs two ztunnels on loopback; see `mesh_tests::bench`.
 
 use clap::{Parser, Subcommand};
-use mesh_tests::bench::l4;
+use mesh_tests::bench::{l4, relay};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,6 +19,12 @@ enum Benchmark {
     /// TCP through two ztunnels (SOCKS5 + HBONE) against direct TCP: throughput, round-trip
     /// latency, connect latency and ztunnel memory. The last stdout line is JSON.
     L4(l4::L4Args),
+    /// One plain TCP relay (the floor `l4` compares against): LISTEN=TARGET pairs.
+    #[command(hide = true)]
+    Relay {
+        #[arg(required = true, value_parser = relay::parse_map)]
+        maps: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    },
 }
 
 #[tokio::main]
@@ -27,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let bench = async {
         match cli.command {
             Benchmark::L4(args) => l4::run(args).await,
+            Benchmark::Relay { maps } => relay::serve(maps).await,
         }
     };
     // Returning (rather than dying on the signal) drops the benchmark, whose guards kill

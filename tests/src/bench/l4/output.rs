@@ -5,41 +5,60 @@ use serde::Serialize;
 use super::{Plan, Results};
 use crate::bench::report::{fixed, round, Table};
 use crate::bench::rss::kib_to_mib;
+use crate::bench::stats::LatencySummary;
 
 pub(super) fn render_table(plan: &Plan, r: &Results, mode: &str) -> String {
-    let (d, m) = (&r.direct, &r.mesh);
-    let ratio = |direct: f64, mesh: f64| format!("{:.2}x", mesh / direct);
-    let added = |direct: f64, mesh: f64| format!("{:+.1} us", mesh - direct);
+    let (d, f, m) = (&r.direct, &r.relays, &r.mesh);
+    let ratio = |base: f64, v: f64| format!("{:.2}x", v / base);
+    let added = |base: f64, v: f64| format!("{:+.1} us", v - base);
     let num = |v: f64, decimals| fixed(Some(v), decimals);
-    let mut t = Table::new(["metric", "direct", "mesh", "mesh vs direct"]);
-    t.row([
-        "throughput, 1 connection (Gbit/s)".into(),
-        num(d.gbps_one, 2),
-        num(m.gbps_one, 2),
-        ratio(d.gbps_one, m.gbps_one),
+    let mut t = Table::new([
+        "metric",
+        "direct",
+        "2 relays",
+        "mesh",
+        "mesh vs direct",
+        "mesh vs relays",
     ]);
-    t.row([
-        format!("throughput, {} connections (Gbit/s)", plan.streams),
-        num(d.gbps_many, 2),
-        num(m.gbps_many, 2),
-        ratio(d.gbps_many, m.gbps_many),
-    ]);
-    for (name, dl, ml) in [
-        ("1 KiB request/response", d.rr, m.rr),
-        ("connect + 1 KiB req/resp + close", d.crr, m.crr),
+    for (name, dv, fv, mv) in [
+        (
+            "throughput, 1 connection (Gbit/s)".to_owned(),
+            d.gbps_one,
+            f.gbps_one,
+            m.gbps_one,
+        ),
+        (
+            format!("throughput, {} connections (Gbit/s)", plan.streams),
+            d.gbps_many,
+            f.gbps_many,
+            m.gbps_many,
+        ),
     ] {
         t.row([
-            format!("{name} p50 (us)"),
-            num(dl.p50_us, 1),
-            num(ml.p50_us, 1),
-            added(dl.p50_us, ml.p50_us),
+            name,
+            num(dv, 2),
+            num(fv, 2),
+            num(mv, 2),
+            ratio(dv, mv),
+            ratio(fv, mv),
         ]);
-        t.row([
-            format!("{name} p99 (us)"),
-            num(dl.p99_us, 1),
-            num(ml.p99_us, 1),
-            added(dl.p99_us, ml.p99_us),
-        ]);
+    }
+    for (name, dl, fl, ml) in [
+        ("1 KiB request/response", d.rr, f.rr, m.rr),
+        ("connect + 1 KiB req/resp + close", d.crr, f.crr, m.crr),
+    ] {
+        let p50: fn(LatencySummary) -> f64 = |l| l.p50_us;
+        let p99: fn(LatencySummary) -> f64 = |l| l.p99_us;
+        for (pct, pick) in [("p50", p50), ("p99", p99)] {
+            t.row([
+                format!("{name} {pct} (us)"),
+                num(pick(dl), 1),
+                num(pick(fl), 1),
+                num(pick(ml), 1),
+                added(pick(dl), pick(ml)),
+                added(pick(fl), pick(ml)),
+            ]);
+        }
     }
     for (name, kib) in [
         "ztunnel RSS idle (MiB)".to_owned(),
@@ -48,11 +67,20 @@ pub(super) fn render_table(plan: &Plan, r: &Results, mode: &str) -> String {
     .into_iter()
     .zip([r.rss_idle_kib, r.rss_held_kib])
     {
-        t.row([name, fixed(None, 1), num(kib_to_mib(kib), 1), String::new()]);
+        let none = || fixed(None, 1);
+        t.row([
+            name,
+            none(),
+            none(),
+            num(kib_to_mib(kib), 1),
+            none(),
+            none(),
+        ]);
     }
     format!(
         "mesh-bench l4: {mode}; {:.1} s per throughput test, {} round trips, {} connects; \
-         RSS is the larger of the two ztunnels\n{}",
+         RSS is the larger of the two ztunnels; \"2 relays\" is the same path through two \
+         plain TCP relay processes (no TLS, no HTTP/2): the floor of the topology\n{}",
         plan.duration.as_secs_f64(),
         plan.rr_samples,
         plan.crr_samples,
@@ -79,11 +107,15 @@ pub(super) struct Summary {
     crr_mesh_p99_us: f64,
     rss_idle_mib: f64,
     rss_1k_conns_mib: f64,
+    relays_gbps: f64,
+    relays_throughput_ratio: f64,
+    rr_relays_added_p50_us: f64,
+    crr_relays_p50_us: f64,
 }
 
 impl Summary {
     pub(super) fn new(r: &Results, mode: &str) -> Self {
-        let (d, m) = (&r.direct, &r.mesh);
+        let (d, f, m) = (&r.direct, &r.relays, &r.mesh);
         let us = |v: f64| round(v, 1);
         Self {
             mode: if mode.starts_with("poll") {
@@ -106,6 +138,10 @@ impl Summary {
             crr_mesh_p99_us: us(m.crr.p99_us),
             rss_idle_mib: round(kib_to_mib(r.rss_idle_kib), 1),
             rss_1k_conns_mib: round(kib_to_mib(r.rss_held_kib), 1),
+            relays_gbps: round(f.gbps_one, 2),
+            relays_throughput_ratio: round(f.gbps_one / d.gbps_one, 3),
+            rr_relays_added_p50_us: us(f.rr.p50_us - d.rr.p50_us),
+            crr_relays_p50_us: us(f.crr.p50_us),
         }
     }
 }

@@ -25,6 +25,8 @@ const OPEN_CONCURRENCY: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
     Direct,
+    /// Through two plain relays: the topology's floor (see `bench::relay`).
+    Relays,
     Mesh,
 }
 
@@ -32,6 +34,7 @@ impl Route {
     pub(super) fn name(self) -> &'static str {
         match self {
             Route::Direct => "direct",
+            Route::Relays => "2 relays",
             Route::Mesh => "mesh",
         }
     }
@@ -43,6 +46,8 @@ pub(super) struct Dialer {
     pub(super) route: Route,
     pub(super) src: IpAddr,
     pub(super) socks: SocketAddr,
+    /// (server, relay entry leading to it) for the servers the benchmark uses.
+    pub(super) relay_entries: [(SocketAddr, SocketAddr); 2],
 }
 
 impl Dialer {
@@ -51,6 +56,16 @@ impl Dialer {
             Route::Direct => socks5::bound_connect(self.src, dst)
                 .await
                 .with_context(|| format!("connect from {} to {dst}", self.src)),
+            Route::Relays => {
+                let entry = self
+                    .relay_entries
+                    .iter()
+                    .find_map(|(server, entry)| (*server == dst).then_some(*entry))
+                    .with_context(|| format!("no relay leads to {dst}"))?;
+                socks5::bound_connect(self.src, entry)
+                    .await
+                    .with_context(|| format!("connect from {} to relay {entry}", self.src))
+            }
             Route::Mesh => socks5::connect(self.src, self.socks, dst)
                 .await
                 .with_context(|| format!("SOCKS5 from {} via {} to {dst}", self.src, self.socks)),

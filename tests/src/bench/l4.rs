@@ -161,7 +161,7 @@ async fn measure(plan: &Plan, mesh: &LoopbackMesh, servers: &Servers) -> anyhow:
     let src = IpAddr::from(mesh.spec().client_ip);
     let socks = mesh.socks_addr_for(src);
     let exe = std::env::current_exe().context("the mesh-bench binary's path")?;
-    let chain = RelayChain::start(&exe, &[servers.sink, servers.echo], RELAY_NOFILE).await?;
+    let mut chain = RelayChain::start(&exe, &[servers.sink, servers.echo], RELAY_NOFILE).await?;
     let entry = |server| {
         chain
             .entry_for(server)
@@ -177,7 +177,9 @@ async fn measure(plan: &Plan, mesh: &LoopbackMesh, servers: &Servers) -> anyhow:
     };
     let rss_idle_kib = idle_rss(mesh, dialer(Route::Mesh), servers.echo).await?;
     let direct = measure_route(plan, dialer(Route::Direct), servers).await?;
-    let relays = measure_route(plan, dialer(Route::Relays), servers).await?;
+    let relays = measure_route(plan, dialer(Route::Relays), servers)
+        .await
+        .map_err(|e| anyhow!("{e:#}\nrelays:\n{}", chain.diagnostics()))?;
     drop(chain);
     let mesh_results = measure_route(plan, dialer(Route::Mesh), servers).await?;
     let rss_held_kib = held_rss(plan, mesh, dialer(Route::Mesh), servers.echo).await?;

@@ -53,8 +53,9 @@ pub async fn serve(maps: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
                     continue;
                 };
                 tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(target).await else {
-                        return;
+                    let mut upstream = match TcpStream::connect(target).await {
+                        Ok(upstream) => upstream,
+                        Err(e) => return eprintln!("relay: connect to {target}: {e}"),
                     };
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
@@ -78,7 +79,7 @@ pub async fn serve(maps: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
 pub struct RelayChain {
     /// (target, where a client connects to reach it through both relays)
     entries: Vec<(SocketAddr, SocketAddr)>,
-    _relays: Vec<ChildGuard>,
+    relays: Vec<ChildGuard>,
     dir: PathBuf,
 }
 
@@ -123,9 +124,18 @@ impl RelayChain {
                 .zip(&ports)
                 .map(|(target, &port)| (*target, hop(0, port)))
                 .collect(),
-            _relays: relays,
+            relays,
             dir,
         })
+    }
+
+    /// Each relay's state and last words, for error messages.
+    pub fn diagnostics(&mut self) -> String {
+        self.relays
+            .iter_mut()
+            .map(|r| r.describe(10))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The first relay's address that leads to `target`.

@@ -93,6 +93,7 @@ impl Proxy {
         let tcp = match self.dial(req.authority).await {
             Ok(t) => t,
             Err(e) => {
+                warn!(dst = %authority, "cannot reach the destination workload: {e}");
                 req.reject(StatusCode::SERVICE_UNAVAILABLE);
                 self.hbone_metrics.rejected(503, "connect_failed");
                 rec.fail(Outcome::Error, format!("connect to {authority}: {e}"));

@@ -161,8 +161,10 @@ impl Pool {
         let addr = key.addr;
         let tcp = tcp_connect(addr, cfg).await?;
         let tls_cfg = cert.client_config(&key.dst)?;
-        let handshake =
-            TlsConnector::from(tls_cfg).connect(ServerName::IpAddress(addr.ip().into()), tcp);
+        let handshake = TlsConnector::from(tls_cfg).connect(
+            ServerName::IpAddress(addr.ip().into()),
+            super::read_buffered(tcp),
+        );
         let tls = tokio::time::timeout(cfg.handshake_timeout, handshake)
             .await
             .map_err(|_| HboneError::Timeout {

@@ -113,7 +113,7 @@ impl ServerConn {
             return;
         };
         let _ = tcp.set_nodelay(true);
-        let accept = TlsAcceptor::from(tls_cfg).accept(tcp);
+        let accept = TlsAcceptor::from(tls_cfg).accept(super::read_buffered(tcp));
         let tls = match tokio::time::timeout(self.cfg.handshake_timeout, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return self.handshake_failed(peer, &e.to_string()),

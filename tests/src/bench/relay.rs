@@ -4,7 +4,11 @@
 //! the floor costs beyond direct TCP is the price of two extra processes and four extra
 //! loopback hops, which no proxy can avoid.
 //!
-//! `mesh-bench relay LISTEN=TARGET...` is one relay; [`RelayChain`] runs two in a row.
+//! The first relay speaks SOCKS5 to the client, as node1's ztunnel does, so connection
+//! set-up costs the same round trips on both paths.
+//!
+//! `mesh-bench relay [--socks] LISTEN=TARGET...` is one relay; [`RelayChain`] runs two in
+//! a row.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use tokio::net::{TcpListener, TcpStream};
+
+use mesh_core::socks5::{self, Reply};
 
 use super::process::{ChildGuard, Spawn, Stdout};
 
@@ -39,8 +45,10 @@ pub fn parse_map(arg: &str) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     ))
 }
 
-/// Relays every connection on each listen address to its target until killed.
-pub async fn serve(maps: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
+/// Relays every connection on each listen address to its target until killed. With
+/// `socks`, each client first does a SOCKS5 CONNECT (whose target is not used: the map
+/// decides) and is answered once the upstream connection is made.
+pub async fn serve(maps: Vec<(SocketAddr, SocketAddr)>, socks: bool) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for (listen, target) in maps {
         let listener = TcpListener::bind(listen)
@@ -53,7 +61,26 @@ pub async fn serve(maps: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
                     continue;
                 };
                 tokio::spawn(async move {
-                    let mut upstream = match TcpStream::connect(target).await {
+                    if socks {
+                        match socks5::handshake(&mut client).await {
+                            Ok(_) => {}
+                            // The readiness probe connects and leaves at once.
+                            Err(e) if e.reason() == "io" => return,
+                            Err(e) => return eprintln!("relay: SOCKS5 handshake: {e}"),
+                        }
+                    }
+                    let upstream = TcpStream::connect(target).await;
+                    if socks {
+                        let (outcome, bound) = match &upstream {
+                            Ok(up) => (Reply::Succeeded, up.local_addr()),
+                            Err(_) => (Reply::ConnectionRefused, client.local_addr()),
+                        };
+                        let bound = bound.unwrap_or(target);
+                        if socks5::reply(&mut client, outcome, bound).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut upstream = match upstream {
                         Ok(upstream) => upstream,
                         Err(e) => return eprintln!("relay: connect to {target}: {e}"),
                     };
@@ -102,6 +129,9 @@ impl RelayChain {
                 })
                 .collect();
             let mut args = vec!["relay".to_owned()];
+            if i == 0 {
+                args.push("--socks".to_owned());
+            }
             args.extend(maps);
             let relay = ChildGuard::spawn(&Spawn {
                 name: format!("relay {}", i + 1),
@@ -152,7 +182,7 @@ impl Drop for RelayChain {
     }
 }
 
-/// Waits until `addr` accepts; the probe connection is relayed onward and closed at once.
+/// Waits until `addr` accepts; the probe connection is closed at once.
 async fn wait_listening(addr: SocketAddr, relay: &mut ChildGuard) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {

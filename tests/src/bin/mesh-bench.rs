@@ -22,6 +22,9 @@ enum Benchmark {
     /// One plain TCP relay (the floor `l4` compares against): LISTEN=TARGET pairs.
     #[command(hide = true)]
     Relay {
+        /// Clients speak SOCKS5 first (the first relay of the chain).
+        #[arg(long)]
+        socks: bool,
         #[arg(required = true, value_parser = relay::parse_map)]
         maps: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
     },
@@ -33,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let bench = async {
         match cli.command {
             Benchmark::L4(args) => l4::run(args).await,
-            Benchmark::Relay { maps } => relay::serve(maps).await,
+            Benchmark::Relay { maps, socks } => relay::serve(maps, socks).await,
         }
     };
     // Returning (rather than dying on the signal) drops the benchmark, whose guards kill

@@ -79,8 +79,9 @@ pub(super) fn render_table(plan: &Plan, r: &Results, mode: &str) -> String {
     }
     format!(
         "mesh-bench l4: {mode}; {:.1} s per throughput test, {} round trips, {} connects; \
-         RSS is the larger of the two ztunnels; \"2 relays\" is the same path through two \
-         plain TCP relay processes (no TLS, no HTTP/2): the floor of the topology\n{}",
+         RSS is the larger of the two ztunnels; \"2 relays\" is the same path (SOCKS5 into the \
+         first) through two plain TCP relay processes, no TLS, no HTTP/2: the floor of the \
+         topology\n{}",
         plan.duration.as_secs_f64(),
         plan.rr_samples,
         plan.crr_samples,

@@ -25,7 +25,7 @@ const OPEN_CONCURRENCY: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Route {
     Direct,
-    /// Through two plain relays: the topology's floor (see `bench::relay`).
+    /// SOCKS5 into the first of two plain relays: the topology's floor (`bench::relay`).
     Relays,
     Mesh,
 }
@@ -62,9 +62,9 @@ impl Dialer {
                     .iter()
                     .find_map(|(server, entry)| (*server == dst).then_some(*entry))
                     .with_context(|| format!("no relay leads to {dst}"))?;
-                socks5::bound_connect(self.src, entry)
+                socks5::connect(self.src, entry, dst)
                     .await
-                    .with_context(|| format!("connect from {} to relay {entry}", self.src))
+                    .with_context(|| format!("SOCKS5 from {} via relay {entry}", self.src))
             }
             Route::Mesh => socks5::connect(self.src, self.socks, dst)
                 .await

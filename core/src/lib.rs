@@ -1,7 +1,8 @@
 //! mesh-core: what every proxy of the mesh shares.
 //!
 //! Owns workload identity and certificates, the mesh's TLS policy, HBONE (client pool and
-//! server), the SOCKS5 wire protocol (server and client), the drain primitive, and the
+//! server), the SOCKS5 wire protocol (server and client), the generated protobuf types of
+//! the control-plane protocols (`proto`), the drain primitive, and the
 //! admin/metrics/readiness servers. It must not know about any one proxy's config model,
 //! policy or routing: those live in `ztunnel` and `waypoint`, which depend on this crate
 //! and never on each other.
@@ -10,6 +11,7 @@ pub mod admin;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod proto;
 pub mod socks5;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -1,0 +1,21 @@
+//! Generates Rust for the mesh's wire protocols from `proto/*.proto` (protoc required:
+//! Debian package `protobuf-compiler`, installed by `scripts/setup.sh`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/workload.proto",
+        "proto/authorization.proto",
+        "proto/discovery.proto",
+        "proto/ca.proto",
+    ];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&protos, &["proto"])
+        .map_err(|e| format!("compiling core/proto (is protoc installed? apt-get install protobuf-compiler): {e}"))?;
+    Ok(())
+}

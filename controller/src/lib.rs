@@ -1,0 +1,8 @@
+//! controller: the mesh's control plane. It turns what users apply into workload
+//! identities and config and serves both to every proxy.
+//!
+//! Built so far: the certificate authority's gRPC service (`ca`). Still to come: the
+//! Kubernetes and directory sources, translation into xDS resources, the delta ADS server.
+//! It must not carry traffic: proxies depend on `mesh-core`, never on this crate.
+
+pub mod ca;

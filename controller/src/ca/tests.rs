@@ -65,6 +65,20 @@ async fn start() -> Fixture {
     }
 }
 
+impl Fixture {
+    async fn ask(
+        &mut self,
+        csr: String,
+        secs: i64,
+        impersonate: Option<&Identity>,
+        token: Option<&str>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let req = request(csr, secs, impersonate, token);
+        let resp = self.client.create_certificate(req).await?;
+        Ok(resp.into_inner().cert_chain)
+    }
+}
+
 fn request(
     csr: String,
     secs: i64,
@@ -97,15 +111,13 @@ async fn node_proxy_gets_a_local_pods_identity_with_the_right_san_and_lifetime()
     let echo = id("default", "echo");
     let (_key, csr) = generate_csr(&echo).unwrap();
     let resp = f
-        .client
-        .create_certificate(request(csr, 3600, Some(&echo), Some(ZTUNNEL_TOKEN)))
+        .ask(csr, 3600, Some(&echo), Some(ZTUNNEL_TOKEN))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resp.cert_chain.len(), 2, "leaf and root");
-    let leaf = &pem::certs(&resp.cert_chain[0]).unwrap()[0];
+        .unwrap();
+    assert_eq!(resp.len(), 2, "leaf and root");
+    let leaf = &pem::certs(&resp[0]).unwrap()[0];
     assert_eq!(identity_of(leaf).unwrap(), echo);
-    assert_eq!(&pem::certs(&resp.cert_chain[1]).unwrap()[0], f.ca.root());
+    assert_eq!(&pem::certs(&resp[1]).unwrap()[0], f.ca.root());
     let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
     let not_after = x509.validity().not_after.timestamp();
     let now = SystemTime::now()
@@ -124,21 +136,15 @@ async fn caller_without_impersonation_gets_its_own_identity_only() {
     let mut f = start().await;
     let own = id("default", "waypoint");
     let (_key, csr) = generate_csr(&own).unwrap();
-    let resp = f
-        .client
-        .create_certificate(request(csr, 0, None, Some(WAYPOINT_TOKEN)))
-        .await
-        .unwrap()
-        .into_inner();
-    let leaf = &pem::certs(&resp.cert_chain[0]).unwrap()[0];
+    let resp = f.ask(csr, 0, None, Some(WAYPOINT_TOKEN)).await.unwrap();
+    let leaf = &pem::certs(&resp[0]).unwrap()[0];
     assert_eq!(identity_of(leaf).unwrap(), own);
 
     // A waypoint is no node proxy: it may not ask for another identity.
     let echo = id("default", "echo");
     let (_key, csr) = generate_csr(&echo).unwrap();
     let err = f
-        .client
-        .create_certificate(request(csr, 0, Some(&echo), Some(WAYPOINT_TOKEN)))
+        .ask(csr, 0, Some(&echo), Some(WAYPOINT_TOKEN))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
@@ -151,11 +157,7 @@ async fn missing_or_bad_tokens_are_refused() {
     let echo = id("default", "echo");
     for token in [None, Some("not-a-known-token-at-all")] {
         let (_key, csr) = generate_csr(&echo).unwrap();
-        let err = f
-            .client
-            .create_certificate(request(csr, 0, Some(&echo), token))
-            .await
-            .unwrap_err();
+        let err = f.ask(csr, 0, Some(&echo), token).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     }
     assert_eq!(f.metrics.refused("unauthenticated"), 2);
@@ -168,8 +170,7 @@ async fn another_nodes_pod_identity_is_refused() {
     let other = id("default", "other");
     let (_key, csr) = generate_csr(&other).unwrap();
     let err = f
-        .client
-        .create_certificate(request(csr, 0, Some(&other), Some(ZTUNNEL_TOKEN)))
+        .ask(csr, 0, Some(&other), Some(ZTUNNEL_TOKEN))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
@@ -211,8 +212,7 @@ async fn bad_csrs_and_lifetimes_are_refused() {
     ];
     for (csr, secs, reason) in cases {
         let err = f
-            .client
-            .create_certificate(request(csr, secs, Some(&echo), Some(ZTUNNEL_TOKEN)))
+            .ask(csr, secs, Some(&echo), Some(ZTUNNEL_TOKEN))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{reason}: {err}");

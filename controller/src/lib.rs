@@ -1,8 +1,10 @@
 //! controller: the mesh's control plane. It turns what users apply into workload
 //! identities and config and serves both to every proxy.
 //!
-//! Built so far: the certificate authority's gRPC service (`ca`). Still to come: the
-//! Kubernetes and directory sources, translation into xDS resources, the delta ADS server.
+//! Built so far: the certificate authority's gRPC service (`ca`) and where its root comes
+//! from (`castore`). Still to come: the Kubernetes and directory sources, translation into
+//! xDS resources, the delta ADS server.
 //! It must not carry traffic: proxies depend on `mesh-core`, never on this crate.
 
 pub mod ca;
+pub mod castore;

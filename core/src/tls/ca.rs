@@ -39,8 +39,20 @@ pub enum CaError {
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     root: CertificateDer<'static>,
+    /// What follows a signed leaf in the chain it is handed: the signing certificate and
+    /// any intermediates, then the root.
+    above_leaf: Vec<CertificateDer<'static>>,
     root_pem: String,
     key_pem: String,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("certificates_above_leaf", &self.above_leaf.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertificateAuthority {
@@ -64,6 +76,7 @@ impl CertificateAuthority {
         let cert = params.self_signed(&key).map_err(CaError::Sign)?;
         let key_pem = key.serialize_pem();
         Ok(CertificateAuthority {
+            above_leaf: vec![cert.der().clone()],
             root: cert.der().clone(),
             root_pem: cert.pem(),
             key_pem,
@@ -74,17 +87,49 @@ impl CertificateAuthority {
     /// An existing CA from its certificate and PKCS#8 key in PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("key: {e}")))?;
-        let root = pem::certs(cert_pem)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| CaError::Load("no certificate in CA PEM".into()))?;
+        let root = first_cert(cert_pem, "the CA PEM")?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
             .map_err(|e| CaError::Load(format!("certificate: {e}")))?;
         Ok(CertificateAuthority {
             issuer,
+            above_leaf: vec![root.clone()],
             root,
             root_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
+        })
+    }
+
+    /// An operator's CA in Istio's plug-in layout: `ca_cert_pem` signs (an intermediate,
+    /// or the root itself), `cert_chain_pem` runs from it to the root, `root_cert_pem` is
+    /// the root workloads trust. The chain must start with the signing certificate and
+    /// end with the root.
+    pub fn from_plugin(
+        ca_cert_pem: &str,
+        ca_key_pem: &str,
+        cert_chain_pem: &str,
+        root_cert_pem: &str,
+    ) -> Result<Self, CaError> {
+        let key =
+            KeyPair::from_pem(ca_key_pem).map_err(|e| CaError::Load(format!("ca-key: {e}")))?;
+        let signing = first_cert(ca_cert_pem, "ca-cert")?;
+        let root = first_cert(root_cert_pem, "root-cert")?;
+        let chain = pem::certs(cert_chain_pem)?;
+        match (chain.first(), chain.last()) {
+            (Some(first), Some(last)) if *first == signing && *last == root => {}
+            _ => {
+                return Err(CaError::Load(
+                    "cert-chain must start with ca-cert and end with root-cert".into(),
+                ))
+            }
+        }
+        let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, key)
+            .map_err(|e| CaError::Load(format!("ca-cert: {e}")))?;
+        Ok(CertificateAuthority {
+            issuer,
+            root,
+            above_leaf: chain,
+            root_pem: root_cert_pem.to_owned(),
+            key_pem: ca_key_pem.to_owned(),
         })
     }
 
@@ -146,7 +191,9 @@ impl CertificateAuthority {
         }
         .signed_by(&self.issuer)
         .map_err(CaError::Sign)?;
-        Ok(vec![signed.der().clone(), self.root.clone()])
+        let mut chain = vec![signed.der().clone()];
+        chain.extend(self.above_leaf.iter().cloned());
+        Ok(chain)
     }
 
     /// Generates a key for `identity` and signs it: local mode, where the proxy holds the CA.
@@ -171,6 +218,13 @@ impl CertificateAuthority {
             vec![self.root.clone()],
         )?)
     }
+}
+
+fn first_cert(pem_text: &str, what: &str) -> Result<CertificateDer<'static>, CaError> {
+    pem::certs(pem_text)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| CaError::Load(format!("no certificate in {what}")))
 }
 
 /// A fresh ECDSA P-256 key and a CSR for `identity` (PEM).

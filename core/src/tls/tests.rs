@@ -175,3 +175,46 @@ fn refresh_at_half_life() {
     let half = c.refresh_at().duration_since(c.not_before()).unwrap();
     assert!((499..=501).contains(&half.as_secs()), "{half:?}");
 }
+
+/// A root and an intermediate it signed, as an operator would plug in (PEM).
+fn operator_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_params = |cn: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root = ca_params("operator root").self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(ca_params("operator root"), root_key);
+    let inter_key = KeyPair::generate().unwrap();
+    let inter = ca_params("operator intermediate")
+        .signed_by(&inter_key, &root_issuer)
+        .unwrap();
+    (inter.pem(), inter_key.serialize_pem(), root.pem())
+}
+
+#[tokio::test]
+async fn plugin_ca_signs_through_its_intermediate() {
+    let (inter, inter_key, root) = operator_pki();
+    let chain = format!("{inter}{root}");
+    let ca = CertificateAuthority::from_plugin(&inter, &inter_key, &chain, &root).unwrap();
+    assert_eq!(ca.root(), &pem::certs(&root).unwrap()[0]);
+    let me = id("cluster.local", "default", "me");
+    let (_key, csr) = generate_csr(&me).unwrap();
+    let signed = ca.sign_csr(&csr, &me, Duration::from_secs(60)).unwrap();
+    assert_eq!(signed.len(), 3, "leaf, intermediate, root");
+    assert_eq!(signed[1], pem::certs(&inter).unwrap()[0]);
+
+    // Workloads trusting only the operator's root verify each other through the chain.
+    let server_id = id("cluster.local", "default", "server");
+    let server = ca.issue(&server_id, Duration::from_secs(60)).unwrap();
+    let client = ca.issue(&me, Duration::from_secs(60)).unwrap();
+    assert_eq!(handshake(&server, Some(&client), &server_id).await, Ok(me));
+
+    // A chain that does not lead from ca-cert to root-cert is refused at load.
+    let wrong = CertificateAuthority::from_plugin(&inter, &inter_key, &inter, &root);
+    assert!(matches!(wrong, Err(CaError::Load(_))));
+}

@@ -8,3 +8,4 @@
 
 pub mod ca;
 pub mod castore;
+pub mod objects;

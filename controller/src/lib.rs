@@ -6,6 +6,7 @@
 //! xDS resources, the delta ADS server.
 //! It must not carry traffic: proxies depend on `mesh-core`, never on this crate.
 
+pub mod app;
 pub mod ca;
 pub mod castore;
 pub mod objects;

@@ -1,0 +1,188 @@
+//! Wiring: builds a controller from a `Config` (local mode: a directory of manifests),
+//! serves the CA over gRPC and its metrics, and follows the directory. `main` parses flags
+//! and calls [`build`]; tests call it with port 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use mesh_core::admin::{self, Routes};
+use mesh_core::drain::{self, Drain, DrainTrigger};
+use mesh_core::proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use mesh_core::Identity;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use crate::ca::{CaMetrics, CaService, Placement, TokenFile};
+use crate::castore::{self, CaOrigin};
+use crate::objects::{self, Objects};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Local mode: the manifests, followed for changes.
+    pub config_dir: PathBuf,
+    /// Where the controller keeps its own root CA.
+    pub state_dir: PathBuf,
+    /// An operator's CA in the plug-in layout, used instead of our own root.
+    pub ca_plugin_dir: Option<PathBuf>,
+    /// Local mode's bearer tokens (see `ca::TokenFile`).
+    pub tokens: PathBuf,
+    pub trust_domain: String,
+    /// gRPC (CA; xDS later), plaintext: 15010.
+    pub grpc_addr: SocketAddr,
+    /// Prometheus `/metrics`: 15014.
+    pub metrics_addr: SocketAddr,
+    pub max_cert_lifetime: Duration,
+    pub config_poll: Duration,
+}
+
+impl Config {
+    pub fn new(config_dir: PathBuf, state_dir: PathBuf, tokens: PathBuf) -> Self {
+        Config {
+            config_dir,
+            state_dir,
+            ca_plugin_dir: None,
+            tokens,
+            trust_domain: mesh_core::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            max_cert_lifetime: Duration::from_secs(48 * 3600),
+            config_poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The model as it is now; swapped whole when the directory changes.
+pub struct LiveObjects(ArcSwap<Objects>);
+
+impl LiveObjects {
+    pub fn load(&self) -> Arc<Objects> {
+        self.0.load_full()
+    }
+}
+
+impl Placement for LiveObjects {
+    fn scheduled_on(&self, identity: &Identity, node: &str) -> bool {
+        self.0.load().scheduled_on(identity, node)
+    }
+}
+
+pub struct App {
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub ca_origin: CaOrigin,
+    pub objects: Arc<LiveObjects>,
+    trigger: DrainTrigger,
+}
+
+pub async fn build(cfg: Config) -> anyhow::Result<App> {
+    let (ca, ca_origin) = castore::load_or_create(
+        cfg.ca_plugin_dir.as_deref(),
+        &cfg.state_dir,
+        &cfg.trust_domain,
+    )?;
+    let tokens = TokenFile::load(&cfg.tokens)?;
+    let objects = Arc::new(LiveObjects(ArcSwap::from_pointee(load(&cfg)?)));
+    let mut registry = Registry::default();
+    let ca_metrics = CaMetrics::new(&mut registry);
+    let (trigger, drain) = drain::new();
+
+    let service = CaService::new(
+        Arc::new(ca),
+        Arc::new(tokens),
+        objects.clone(),
+        cfg.max_cert_lifetime,
+        ca_metrics,
+    );
+    let incoming = tonic::transport::server::TcpIncoming::bind(cfg.grpc_addr)
+        .map_err(|e| anyhow::anyhow!("binding gRPC on {}: {e}", cfg.grpc_addr))?;
+    let grpc = incoming.local_addr()?;
+    let stop = drain.clone();
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(IstioCertificateServiceServer::new(service))
+            .serve_with_incoming_shutdown(incoming, async move { stop.signaled().await })
+            .await;
+        if let Err(e) = served {
+            warn!("gRPC server stopped: {e}");
+        }
+    });
+    let routes = Routes::new().route("/metrics", admin::metrics_route(Arc::new(registry)));
+    let metrics = admin::spawn_server("metrics", cfg.metrics_addr, routes, drain.clone())?;
+    tokio::spawn(follow_dir(cfg.clone(), objects.clone(), drain));
+    info!(%grpc, %metrics, ca = ?ca_origin, "controller ready");
+    Ok(App {
+        grpc,
+        metrics,
+        ca_origin,
+        objects,
+        trigger,
+    })
+}
+
+impl App {
+    /// Stops serving and waits up to `deadline` for open calls.
+    pub async fn shutdown(self, deadline: Duration) {
+        self.trigger.drain(deadline, Duration::from_secs(1)).await;
+    }
+}
+
+fn load(cfg: &Config) -> anyhow::Result<Objects> {
+    let (objects, errors) = objects::load_dir(&cfg.config_dir, &cfg.trust_domain)
+        .with_context(|| format!("reading {}", cfg.config_dir.display()))?;
+    for e in &errors {
+        warn!("object skipped: {e}");
+    }
+    Ok(objects)
+}
+
+/// Reloads the model whenever a file below the directory changes (by name, size or
+/// modification time). A directory that cannot be read keeps the last good model.
+async fn follow_dir(cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
+    let mut seen = fingerprint(&cfg.config_dir);
+    let mut tick = tokio::time::interval(cfg.config_poll);
+    loop {
+        tokio::select! {
+            _ = drain.signaled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = fingerprint(&cfg.config_dir);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load(&cfg) {
+            Ok(model) => {
+                info!(
+                    pods = model.pods.len(),
+                    "config directory changed; model reloaded"
+                );
+                objects.0.store(Arc::new(model));
+            }
+            Err(e) => warn!("config directory unreadable, keeping the last model: {e:#}"),
+        }
+    }
+}
+
+fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(path),
+                Ok(m) => out.push((path, m.len(), m.modified().ok())),
+                Err(_) => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,0 +1,51 @@
+//! `controller`: the mesh's control plane. Local mode only so far: manifests from a
+//! directory, the certificate authority on gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use controller::app::{self, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "controller", about = "The mesh's control plane (local mode)")]
+struct Args {
+    /// Directory of manifests (Namespace, Pod, Service, ... as for kubectl), followed live.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Where the controller keeps its root CA (created on first start).
+    #[arg(long, default_value = "controller-state")]
+    state_dir: PathBuf,
+    /// An operator's CA: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
+    #[arg(long)]
+    ca_plugin_dir: Option<PathBuf>,
+    /// Bearer tokens of the proxies (YAML list of {token, identity, node}).
+    #[arg(long)]
+    tokens: PathBuf,
+    #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    grpc_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    metrics_addr: SocketAddr,
+    /// Longest certificate lifetime granted, in seconds.
+    #[arg(long, default_value_t = 48 * 3600)]
+    max_cert_lifetime_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    mesh_core::admin::init_logging();
+    let args = Args::parse();
+    let mut cfg = Config::new(args.config_dir, args.state_dir, args.tokens);
+    cfg.ca_plugin_dir = args.ca_plugin_dir;
+    cfg.trust_domain = args.trust_domain;
+    cfg.grpc_addr = args.grpc_addr;
+    cfg.metrics_addr = args.metrics_addr;
+    cfg.max_cert_lifetime = Duration::from_secs(args.max_cert_lifetime_secs);
+    let app = app::build(cfg).await?;
+    tokio::signal::ctrl_c().await?;
+    app.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! The controller in local mode, as a user runs it: manifests in a directory, its own root
+//! in a state folder, proxies asking for certificates over gRPC with their tokens.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use controller::app::{self, Config};
+use controller::castore::CaOrigin;
+use mesh_core::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use mesh_core::proto::istio::v1::auth::IstioCertificateRequest;
+use mesh_core::tls::{generate_csr, identity_of, pem};
+use mesh_core::Identity;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "node1-ztunnel-token-0123456789";
+
+fn pod(name: &str, sa: &str, node: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, image: c}}]}}\n\
+         status: {{podIP: {ip}}}\n"
+    )
+}
+
+fn dirs(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(format!("controller-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let config = base.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(
+        config.join("echo.yaml"),
+        pod("echo-1", "echo", "node1", "10.0.1.5"),
+    )
+    .unwrap();
+    let tokens = base.join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!("- {{token: {TOKEN}, identity: 'spiffe://cluster.local/ns/istio-system/sa/ztunnel', node: node1}}\n"),
+    )
+    .unwrap();
+    (config, base.join("state"), tokens)
+}
+
+async fn start(config: &Path, state: &Path, tokens: &Path) -> app::App {
+    let mut cfg = Config::new(config.to_owned(), state.to_owned(), tokens.to_owned());
+    cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.config_poll = Duration::from_millis(50);
+    app::build(cfg).await.unwrap()
+}
+
+/// Asks, as node1's ztunnel, for a certificate of `sa` in namespace default.
+async fn ask(app: &app::App, sa: &str) -> Result<Identity, tonic::Status> {
+    let mut client = IstioCertificateServiceClient::connect(format!("http://{}", app.grpc))
+        .await
+        .unwrap();
+    let want = Identity::new("cluster.local", "default", sa).unwrap();
+    let (_key, csr) = generate_csr(&want).unwrap();
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        "ImpersonatedIdentity".to_owned(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(want.to_string())),
+        },
+    );
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 3600,
+        metadata: Some(prost_types::Struct { fields }),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let chain = client
+        .create_certificate(req)
+        .await?
+        .into_inner()
+        .cert_chain;
+    Ok(identity_of(&pem::certs(&chain[0]).unwrap()[0]).unwrap())
+}
+
+/// Retries `sa` until granted (or refused, with `granted` false) or `within` passes.
+async fn becomes(app: &app::App, sa: &str, granted: bool, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if ask(app, sa).await.is_ok() == granted {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{sa} not {} within {within:?}",
+            if granted { "granted" } else { "refused" }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_follow_the_pods_in_the_directory() {
+    let (config, state, tokens) = dirs("follow");
+    let app = start(&config, &state, &tokens).await;
+    assert_eq!(app.ca_origin, CaOrigin::Created(state.clone()));
+
+    assert_eq!(ask(&app, "echo").await.unwrap().service_account(), "echo");
+    let err = ask(&app, "late").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // A new pod file on node1: its identity is granted within a second.
+    std::fs::write(
+        config.join("late.yaml"),
+        pod("late-1", "late", "node1", "10.0.1.6"),
+    )
+    .unwrap();
+    becomes(&app, "late", true, Duration::from_secs(1)).await;
+    // Deleted again: refused.
+    std::fs::remove_file(config.join("late.yaml")).unwrap();
+    becomes(&app, "late", false, Duration::from_secs(1)).await;
+
+    let text = metrics_text(app.metrics).await;
+    let signed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_ca_certificates_signed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no signed counter in:\n{text}"));
+    assert!(signed >= 2, "{signed} signed");
+    assert!(
+        text.contains("mesh_ca_requests_refused_total{reason=\"not_on_node\"}"),
+        "{text}"
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_root() {
+    let (config, state, tokens) = dirs("restart");
+    let first = start(&config, &state, &tokens).await;
+    let root_before = std::fs::read_to_string(state.join("root-cert.pem")).unwrap();
+    first.shutdown(Duration::from_secs(1)).await;
+    let second = start(&config, &state, &tokens).await;
+    assert_eq!(second.ca_origin, CaOrigin::Loaded(state.clone()));
+    assert_eq!(
+        std::fs::read_to_string(state.join("root-cert.pem")).unwrap(),
+        root_before
+    );
+    assert_eq!(
+        ask(&second, "echo").await.unwrap().service_account(),
+        "echo"
+    );
+    second.shutdown(Duration::from_secs(1)).await;
+}

@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
+        // Ordered maps: resources encode the same bytes every time, so versions derived
+        // from them are stable.
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_protos(&protos, &["proto"])

@@ -1,7 +1,9 @@
 //! controller: the mesh's control plane. It turns what users apply into workload
 //! identities and config and serves both to every proxy.
 //!
-//! Built so far: the certificate authority's gRPC service (`ca`) and where its root comes
+//! Built so far: the object model and directory source (`objects`), translation into
+//! Address resources (`translate`), the certificate authority's gRPC service (`ca`) and
+//! where its root comes
 //! from (`castore`). Still to come: the Kubernetes and directory sources, translation into
 //! xDS resources, the delta ADS server.
 //! It must not carry traffic: proxies depend on `mesh-core`, never on this crate.
@@ -10,3 +12,4 @@ pub mod app;
 pub mod ca;
 pub mod castore;
 pub mod objects;
+pub mod translate;

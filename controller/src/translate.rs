@@ -1,0 +1,265 @@
+//! Translation of the object model into the resources proxies receive over xDS:
+//! `istio.workload.Address` (one Workload per pod, one Service per Kubernetes Service).
+//!
+//! Enrolment: a pod is in the mesh (HBONE) when its namespace or the pod itself carries
+//! `istio.io/dataplane-mode=ambient` and the pod does not say `none`; other pods are sent
+//! too, with no tunnel, so clients in the mesh reach them in plaintext.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_core::proto::istio::workload::{
+    address, Address, NetworkAddress, Port, PortList, Service as XdsService, TunnelProtocol,
+    Workload, WorkloadStatus, WorkloadType,
+};
+
+use crate::objects::Objects;
+
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The cluster id and DNS domain of local mode (and of a single-cluster install).
+pub const CLUSTER_ID: &str = "Kubernetes";
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Every Address resource, keyed by its xDS name (workload uid, or namespace/hostname).
+pub fn addresses(objects: &Objects) -> BTreeMap<String, Address> {
+    let mut out = BTreeMap::new();
+    for svc in objects.services.values() {
+        if let Some(s) = service(svc) {
+            let name = format!("{}/{}", s.namespace, s.hostname);
+            out.insert(name, wrap(address::Type::Service(s)));
+        }
+    }
+    for pod in objects.pods.values() {
+        let w = workload(objects, pod);
+        out.insert(w.uid.clone(), wrap(address::Type::Workload(w)));
+    }
+    out
+}
+
+fn wrap(t: address::Type) -> Address {
+    Address { r#type: Some(t) }
+}
+
+fn labels(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> BTreeMap<String, String> {
+    meta.labels.clone().unwrap_or_default()
+}
+
+pub fn enrolled(objects: &Objects, pod: &Pod) -> bool {
+    let pod_mode = labels(&pod.metadata).get(DATAPLANE_MODE).cloned();
+    match pod_mode.as_deref() {
+        Some("none") => false,
+        Some("ambient") => true,
+        _ => {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            objects
+                .namespaces
+                .get(ns)
+                .map(|n| {
+                    labels(&n.metadata).get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+                })
+                .unwrap_or(false)
+        }
+    }
+}
+
+fn ip_bytes(ip: &str) -> Option<Vec<u8>> {
+    match ip.parse::<IpAddr>().ok()? {
+        IpAddr::V4(v4) => Some(v4.octets().to_vec()),
+        IpAddr::V6(v6) => Some(v6.octets().to_vec()),
+    }
+}
+
+fn workload(objects: &Objects, pod: &Pod) -> Workload {
+    let meta = &pod.metadata;
+    let ns = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let name = meta.name.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let pod_labels = labels(meta);
+    let label = |keys: &[&str]| keys.iter().find_map(|k| pod_labels.get(*k).cloned());
+
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|i| i.ip.clone()).collect())
+        .unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(status.and_then(|s| s.pod_ip.clone()));
+    }
+    let (workload_type, workload_name) = owner(pod, &name);
+    let ready_false = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
+    Workload {
+        uid: format!("{CLUSTER_ID}//Pod/{ns}/{name}"),
+        addresses: ips.iter().filter_map(|ip| ip_bytes(ip)).collect(),
+        tunnel_protocol: if enrolled(objects, pod) {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        } as i32,
+        trust_domain: if objects.trust_domain == mesh_core::identity::DEFAULT_TRUST_DOMAIN {
+            String::new()
+        } else {
+            objects.trust_domain.clone()
+        },
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned()),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        canonical_name: label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload_name.clone()),
+        canonical_revision: label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".to_owned()),
+        workload_type: workload_type as i32,
+        workload_name,
+        services: backed_services(objects, pod, &ns),
+        // A pod said not to be Ready gets no new traffic; local-mode manifests rarely
+        // carry conditions, so their absence counts as healthy.
+        status: if ready_false {
+            WorkloadStatus::Unhealthy
+        } else {
+            WorkloadStatus::Healthy
+        } as i32,
+        cluster_id: CLUSTER_ID.to_owned(),
+        name,
+        namespace: ns,
+        ..Default::default()
+    }
+}
+
+/// The kind and name of what runs the pod: a Deployment (through its ReplicaSet), a Job,
+/// or the pod itself.
+fn owner(pod: &Pod, pod_name: &str) -> (WorkloadType, String) {
+    let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
+    for o in owners {
+        match o.kind.as_str() {
+            // ReplicaSets of a Deployment are named <deployment>-<pod-template-hash>.
+            "ReplicaSet" => {
+                let deployment = o.name.rsplit_once('-').map_or(o.name.as_str(), |(d, _)| d);
+                return (WorkloadType::Deployment, deployment.to_owned());
+            }
+            "Job" => return (WorkloadType::Job, o.name.clone()),
+            _ => {}
+        }
+    }
+    (WorkloadType::Pod, pod_name.to_owned())
+}
+
+fn selects(svc: &Service, pod_labels: &BTreeMap<String, String>) -> bool {
+    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    match selector {
+        Some(sel) if !sel.is_empty() => sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+        _ => false,
+    }
+}
+
+/// "namespace/hostname" -> ports, for each Service selecting the pod.
+fn backed_services(objects: &Objects, pod: &Pod, ns: &str) -> BTreeMap<String, PortList> {
+    let pod_labels = labels(&pod.metadata);
+    let mut out = BTreeMap::new();
+    for ((svc_ns, svc_name), svc) in &objects.services {
+        if svc_ns != ns || !selects(svc, &pod_labels) {
+            continue;
+        }
+        let ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let target = match &p.target_port {
+                    None => p.port as u32,
+                    Some(IntOrString::Int(t)) => *t as u32,
+                    Some(IntOrString::String(name)) => named_port(pod, name)?,
+                };
+                Some(Port {
+                    service_port: p.port as u32,
+                    target_port: target,
+                })
+            })
+            .collect();
+        out.insert(
+            format!("{svc_ns}/{}", hostname(svc_name, svc_ns)),
+            PortList { ports },
+        );
+    }
+    out
+}
+
+/// The container port called `name` in the pod.
+fn named_port(pod: &Pod, name: &str) -> Option<u32> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .map(|p| p.container_port as u32)
+}
+
+fn hostname(name: &str, ns: &str) -> String {
+    format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}")
+}
+
+fn service(svc: &Service) -> Option<XdsService> {
+    let meta = &svc.metadata;
+    let name = meta.name.clone()?;
+    let ns = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let spec = svc.spec.as_ref();
+    let mut vips: Vec<String> = spec.and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    if vips.is_empty() {
+        vips.extend(spec.and_then(|s| s.cluster_ip.clone()));
+    }
+    let addresses = vips
+        .iter()
+        .filter_map(|ip| ip_bytes(ip))
+        .map(|address| NetworkAddress {
+            network: String::new(),
+            address,
+        })
+        .collect();
+    let ports = spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|p| Port {
+            service_port: p.port as u32,
+            // A named target port differs per pod; each workload's entry carries it.
+            target_port: match &p.target_port {
+                None => p.port as u32,
+                Some(IntOrString::Int(t)) => *t as u32,
+                Some(IntOrString::String(_)) => 0,
+            },
+        })
+        .collect();
+    Some(XdsService {
+        hostname: hostname(&name, &ns),
+        name,
+        namespace: ns,
+        addresses,
+        ports,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,90 @@
+//! Snapshots of the Address resources for a small cluster: every enrolment case, a
+//! Deployment-owned pod, a named target port and a headless service.
+
+use super::*;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-5d9f8c7b6-x2x9z
+  namespace: shop
+  labels: {app: web, version: v2}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d9f8c7b6, uid: u1}]
+spec:
+  nodeName: node1
+  serviceAccountName: web
+  containers: [{name: web, image: web, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.1.5, podIPs: [{ip: 10.0.1.5}, {ip: "fd00::5"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: debug, namespace: shop, labels: {istio.io/dataplane-mode: none}}
+spec: {nodeName: node1, containers: [{name: c, image: c}]}
+status:
+  podIP: 10.0.1.6
+  conditions: [{type: Ready, status: "False"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy, labels: {app: old}}
+spec: {nodeName: node2, containers: [{name: c, image: c}]}
+status: {podIP: 10.0.2.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-in, namespace: legacy, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: node2, containers: [{name: c, image: c}]}
+status: {podIP: 10.0.2.8}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}, {name: admin, port: 9000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: legacy}
+spec:
+  selector: {app: old}
+  clusterIP: None
+  ports: [{port: 80}]
+"#;
+
+fn objects() -> Objects {
+    let mut objects = Objects::new("cluster.local");
+    for (i, doc) in serde_yaml::Deserializer::from_str(CLUSTER).enumerate() {
+        let value = serde::Deserialize::deserialize(doc).unwrap();
+        objects.add(value, &format!("document {}", i + 1)).unwrap();
+    }
+    objects
+}
+
+#[test]
+fn addresses_of_a_small_cluster() {
+    insta::assert_debug_snapshot!(addresses(&objects()));
+}
+
+#[test]
+fn enrolment_follows_namespace_and_pod_labels() {
+    let objects = objects();
+    let mode = |ns: &str, name: &str| {
+        let pod = &objects.pods[&(ns.to_owned(), name.to_owned())];
+        enrolled(&objects, pod)
+    };
+    assert!(mode("shop", "web-5d9f8c7b6-x2x9z"), "namespace label");
+    assert!(!mode("shop", "debug"), "pod opts out");
+    assert!(!mode("legacy", "old"), "namespace not enrolled");
+    assert!(mode("legacy", "opted-in"), "pod opts in");
+}

@@ -2,10 +2,9 @@
 //! identities and config and serves both to every proxy.
 //!
 //! Built so far: the object model and directory source (`objects`), translation into
-//! Address resources (`translate`), the certificate authority's gRPC service (`ca`) and
-//! where its root comes
-//! from (`castore`). Still to come: the Kubernetes and directory sources, translation into
-//! xDS resources, the delta ADS server.
+//! Address resources (`translate`), the certificate authority's gRPC service (`ca`), where
+//! its root comes from (`castore`) and the local-mode wiring (`app`). Still to come: the
+//! Kubernetes source, Authorization translation, the delta ADS server.
 //! It must not carry traffic: proxies depend on `mesh-core`, never on this crate.
 
 pub mod app;

@@ -12,3 +12,4 @@ pub mod ca;
 pub mod castore;
 pub mod objects;
 pub mod translate;
+pub mod xds;

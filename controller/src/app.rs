@@ -1,5 +1,5 @@
 //! Wiring: builds a controller from a `Config` (local mode: a directory of manifests),
-//! serves the CA over gRPC and its metrics, and follows the directory. `main` parses flags
+//! serves the CA and delta ADS over gRPC and its metrics, and follows the directory. `main` parses flags
 //! and calls [`build`]; tests call it with port 0.
 
 use std::net::SocketAddr;
@@ -19,6 +19,11 @@ use tracing::{info, warn};
 use crate::ca::{CaMetrics, CaService, Placement, TokenFile};
 use crate::castore::{self, CaOrigin};
 use crate::objects::{self, Objects};
+use crate::translate;
+use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
+use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use mesh_core::proto::type_url;
+use tokio::sync::watch;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -31,7 +36,7 @@ pub struct Config {
     /// Local mode's bearer tokens (see `ca::TokenFile`).
     pub tokens: PathBuf,
     pub trust_domain: String,
-    /// gRPC (CA; xDS later), plaintext: 15010.
+    /// gRPC (CA and delta ADS), plaintext: 15010.
     pub grpc_addr: SocketAddr,
     /// Prometheus `/metrics`: 15014.
     pub metrics_addr: SocketAddr,
@@ -55,18 +60,45 @@ impl Config {
     }
 }
 
-/// The model as it is now; swapped whole when the directory changes.
-pub struct LiveObjects(ArcSwap<Objects>);
+/// The model as it is now; swapped whole when the directory changes, and translated into
+/// the xDS snapshot at the same moment.
+pub struct LiveObjects {
+    model: ArcSwap<Objects>,
+    xds: watch::Sender<Arc<Snapshot>>,
+}
 
 impl LiveObjects {
-    pub fn load(&self) -> Arc<Objects> {
-        self.0.load_full()
+    fn new(model: Objects) -> Self {
+        let (xds, _) = watch::channel(Arc::new(snapshot(&model)));
+        LiveObjects {
+            model: ArcSwap::from_pointee(model),
+            xds,
+        }
     }
+
+    pub fn load(&self) -> Arc<Objects> {
+        self.model.load_full()
+    }
+
+    fn store(&self, model: Objects) {
+        let snap = snapshot(&model);
+        self.model.store(Arc::new(model));
+        self.xds.send_replace(Arc::new(snap));
+    }
+}
+
+/// The resources every proxy is served, from the model.
+fn snapshot(model: &Objects) -> Snapshot {
+    let addresses = translate::addresses(model)
+        .into_iter()
+        .map(|(name, address)| (name, Served::new(type_url::ADDRESS, &address)))
+        .collect();
+    Snapshot::from([(type_url::ADDRESS.to_owned(), addresses)])
 }
 
 impl Placement for LiveObjects {
     fn scheduled_on(&self, identity: &Identity, node: &str) -> bool {
-        self.0.load().scheduled_on(identity, node)
+        self.model.load().scheduled_on(identity, node)
     }
 }
 
@@ -85,9 +117,10 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         &cfg.trust_domain,
     )?;
     let tokens = TokenFile::load(&cfg.tokens)?;
-    let objects = Arc::new(LiveObjects(ArcSwap::from_pointee(load(&cfg)?)));
+    let objects = Arc::new(LiveObjects::new(load(&cfg)?));
     let mut registry = Registry::default();
     let ca_metrics = CaMetrics::new(&mut registry);
+    let xds = XdsServer::new(objects.xds.subscribe(), XdsMetrics::new(&mut registry));
     let (trigger, drain) = drain::new();
 
     let service = CaService::new(
@@ -104,6 +137,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(IstioCertificateServiceServer::new(service))
+            .add_service(AggregatedDiscoveryServiceServer::new(xds))
             .serve_with_incoming_shutdown(incoming, async move { stop.signaled().await })
             .await;
         if let Err(e) = served {
@@ -160,7 +194,7 @@ async fn follow_dir(cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
                     pods = model.pods.len(),
                     "config directory changed; model reloaded"
                 );
-                objects.0.store(Arc::new(model));
+                objects.store(model);
             }
             Err(e) => warn!("config directory unreadable, keeping the last model: {e:#}"),
         }

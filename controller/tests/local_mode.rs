@@ -1,15 +1,23 @@
 //! The controller in local mode, as a user runs it: manifests in a directory, its own root
-//! in a state folder, proxies asking for certificates over gRPC with their tokens.
+//! in a state folder, proxies asking for certificates over gRPC with their tokens and
+//! subscribing to config over delta ADS.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use controller::app::{self, Config};
 use controller::castore::CaOrigin;
+use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_core::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
 use mesh_core::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use mesh_core::proto::istio::v1::auth::IstioCertificateRequest;
+use mesh_core::proto::istio::workload::{address, Address};
+use mesh_core::proto::type_url::ADDRESS;
 use mesh_core::tls::{generate_csr, identity_of, pem};
 use mesh_core::Identity;
+use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "node1-ztunnel-token-0123456789";
@@ -156,4 +164,93 @@ async fn a_restart_keeps_the_root() {
         "echo"
     );
     second.shutdown(Duration::from_secs(1)).await;
+}
+
+async fn next(stream: &mut tonic::Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a push within 5 s")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_receive_workloads_and_their_changes_over_delta_ads() {
+    let (config, state, tokens) = dirs("xds");
+    std::fs::write(
+        config.join("ns.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n",
+    )
+    .unwrap();
+    let app = start(&config, &state, &tokens).await;
+    let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{}", app.grpc))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = grpc
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first: DeltaDiscoveryResponse = next(&mut stream).await;
+    let uids: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(uids, ["Kubernetes//Pod/default/echo-1"]);
+    let address = Address::decode(
+        first.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    let Some(address::Type::Workload(w)) = address.r#type else {
+        panic!("not a workload: {address:?}")
+    };
+    assert_eq!(
+        (w.node.as_str(), w.service_account.as_str()),
+        ("node1", "echo")
+    );
+    assert_eq!(w.addresses, vec![vec![10, 0, 1, 5]]);
+    assert_eq!(w.tunnel_protocol, 1, "HBONE: the namespace is enrolled");
+
+    // A pod file added: pushed alone, within a second.
+    let started = Instant::now();
+    std::fs::write(
+        config.join("late.yaml"),
+        pod("late-1", "late", "node1", "10.0.1.6"),
+    )
+    .unwrap();
+    let added = next(&mut stream).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let names: Vec<&str> = added.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["Kubernetes//Pod/default/late-1"]);
+    assert!(added.removed_resources.is_empty());
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        response_nonce: added.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Removed again: a removal, nothing else.
+    std::fs::remove_file(config.join("late.yaml")).unwrap();
+    let removed = next(&mut stream).await;
+    assert!(removed.resources.is_empty());
+    assert_eq!(
+        removed.removed_resources,
+        ["Kubernetes//Pod/default/late-1"]
+    );
+    app.shutdown(Duration::from_secs(1)).await;
 }

@@ -8,6 +8,7 @@
 //! and never on each other.
 
 pub mod admin;
+pub mod authz_manifest;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

@@ -8,7 +8,7 @@
 //! them and denies on the rest). Policies with `targetRefs` belong to a waypoint and are
 //! skipped. Evaluation takes no lock and allocates only to name the deciding policy.
 
-pub mod manifest;
+pub use mesh_core::authz_manifest as manifest;
 mod rule;
 
 use std::collections::HashMap;

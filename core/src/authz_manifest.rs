@@ -1,16 +1,19 @@
 //! User-facing AuthorizationPolicy types, shaped like the `security.istio.io/v1` Kubernetes
-//! object so a manifest can be applied to both meshes.
+//! object so a manifest can be applied to both meshes. Shared by the controller (which
+//! translates them into `istio.security.Authorization`) and the ztunnel's local mode.
 //!
 //! Owns deserialization only: every spec-level type rejects unknown fields so a typo is an
-//! error rather than a silently wider policy. Validation and meaning live in the conversion
-//! to the internal model (`Policy::from_manifest`); nothing here is read on the data path.
+//! error rather than a silently wider policy. Validation and meaning live with the readers
+//! (the ztunnel's `Policy::from_manifest`, the controller's translation); nothing here is
+//! read on the data path.
 
 use std::fmt;
 
 use serde::de::{self, IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::model::Labels;
+/// Label keys to values.
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// One AuthorizationPolicy object. `apiVersion`, `kind` and `status` are accepted and ignored;
 /// any other top-level field is an error, so a misspelt `spec` cannot become an empty spec.

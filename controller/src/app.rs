@@ -93,7 +93,18 @@ fn snapshot(model: &Objects) -> Snapshot {
         .into_iter()
         .map(|(name, address)| (name, Served::new(type_url::ADDRESS, &address)))
         .collect();
-    Snapshot::from([(type_url::ADDRESS.to_owned(), addresses)])
+    let (auths, errors) = translate::authorizations(model);
+    for e in &errors {
+        warn!("policy skipped: {e}");
+    }
+    let auths = auths
+        .into_iter()
+        .map(|(name, a)| (name, Served::new(type_url::AUTHORIZATION, &a)))
+        .collect();
+    Snapshot::from([
+        (type_url::ADDRESS.to_owned(), addresses),
+        (type_url::AUTHORIZATION.to_owned(), auths),
+    ])
 }
 
 impl Placement for LiveObjects {

@@ -15,7 +15,9 @@ use mesh_core::proto::istio::workload::{
     Workload, WorkloadStatus, WorkloadType,
 };
 
-use crate::objects::Objects;
+use crate::objects::{ObjectError, Objects};
+
+pub mod authz;
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The cluster id and DNS domain of local mode (and of a single-cluster install).
@@ -36,6 +38,49 @@ pub fn addresses(objects: &Objects) -> BTreeMap<String, Address> {
         out.insert(w.uid.clone(), wrap(address::Type::Workload(w)));
     }
     out
+}
+
+/// Every Authorization resource for ztunnels, keyed by namespace/name, and the policies
+/// that could not be translated.
+pub fn authorizations(
+    objects: &Objects,
+) -> (
+    BTreeMap<String, mesh_core::proto::istio::security::Authorization>,
+    Vec<ObjectError>,
+) {
+    let mut out = BTreeMap::new();
+    let mut errors = Vec::new();
+    for obj in objects.custom("AuthorizationPolicy") {
+        match authz::authorization(obj) {
+            Ok(Some(a)) => {
+                out.insert(format!("{}/{}", a.namespace, a.name), a);
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    (out, errors)
+}
+
+/// namespace/name of the selector-based policies whose selector matches the pod.
+fn selecting_policies(
+    objects: &Objects,
+    pod_labels: &BTreeMap<String, String>,
+    ns: &str,
+) -> Vec<String> {
+    objects
+        .custom("AuthorizationPolicy")
+        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns)
+        .filter(|p| p.spec.get("targetRefs").is_none() && p.spec.get("targetRef").is_none())
+        .filter_map(|p| {
+            let labels = p.spec.get("selector")?.get("matchLabels")?.as_object()?;
+            let all = labels.iter().all(|(k, v)| {
+                v.as_str()
+                    .is_some_and(|v| pod_labels.get(k).map(String::as_str) == Some(v))
+            });
+            all.then(|| format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default()))
+        })
+        .collect()
 }
 
 fn wrap(t: address::Type) -> Address {
@@ -128,6 +173,7 @@ fn workload(objects: &Objects, pod: &Pod) -> Workload {
         workload_type: workload_type as i32,
         workload_name,
         services: backed_services(objects, pod, &ns),
+        authorization_policies: selecting_policies(objects, &pod_labels, &ns),
         // A pod said not to be Ready gets no new traffic; local-mode manifests rarely
         // carry conditions, so their absence counts as healthy.
         status: if ready_false {

@@ -68,6 +68,26 @@ impl Default for Config {
     }
 }
 
+/// A TCP connection to `addr` with TCP_NODELAY, its socket carrying `mark` (SO_MARK) when
+/// given so capture rules can leave the proxy's own connections alone. Shared by the HBONE
+/// pool and the proxies' direct dials; callers bound the wait.
+pub async fn connect_marked(
+    addr: SocketAddr,
+    mark: Option<u32>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// Bytes read from a TLS connection's socket per syscall, at most.
 const TLS_READ_BUFFER: usize = 64 << 10;
 

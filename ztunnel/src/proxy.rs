@@ -8,7 +8,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use mesh_core::drain::Drain;
 use mesh_core::hbone::{self, H2Stream, Pool};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::certs::CertManager;
@@ -37,21 +37,10 @@ pub enum Upstream {
 impl Proxy {
     /// Dials `addr` directly, with the socket mark so capture never takes our own traffic.
     pub async fn dial(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(mark) = self.cfg.hbone.socket_mark {
-            socket2::SockRef::from(&socket).set_mark(mark)?;
-        }
-        let tcp = tokio::time::timeout(self.cfg.hbone.connect_timeout, socket.connect(addr))
+        let connect = hbone::connect_marked(addr, self.cfg.hbone.socket_mark);
+        tokio::time::timeout(self.cfg.hbone.connect_timeout, connect)
             .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        tcp.set_nodelay(true)?;
-        Ok(tcp)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     }
 
     /// Moves bytes until both sides are done (or the drain deadline passes), then records

@@ -14,7 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, Instrument};
 
@@ -312,32 +312,20 @@ impl Inner {
 }
 
 async fn tcp_connect(addr: SocketAddr, cfg: &Config) -> Result<TcpStream, HboneError> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|source| HboneError::Connect { addr, source })?;
-    if let Some(mark) = cfg.socket_mark {
-        socket2::SockRef::from(&socket)
-            .set_mark(mark)
-            .map_err(|source| HboneError::Connect { addr, source })?;
-    }
-    let connect = socket.connect(addr);
-    let tcp = tokio::time::timeout(cfg.connect_timeout, connect)
-        .await
-        .map_err(|_| HboneError::Timeout {
-            addr,
-            stage: "TCP connect",
-            after: cfg.connect_timeout,
-        })?
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::ConnectionRefused => HboneError::Refused { addr },
-            _ => HboneError::Connect { addr, source },
-        })?;
-    tcp.set_nodelay(true)
-        .map_err(|source| HboneError::Connect { addr, source })?;
-    Ok(tcp)
+    tokio::time::timeout(
+        cfg.connect_timeout,
+        super::connect_marked(addr, cfg.socket_mark),
+    )
+    .await
+    .map_err(|_| HboneError::Timeout {
+        addr,
+        stage: "TCP connect",
+        after: cfg.connect_timeout,
+    })?
+    .map_err(|source| match source.kind() {
+        std::io::ErrorKind::ConnectionRefused => HboneError::Refused { addr },
+        _ => HboneError::Connect { addr, source },
+    })
 }
 
 async fn open_stream(

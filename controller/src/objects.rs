@@ -143,6 +143,29 @@ impl Objects {
         }
     }
 
+    /// Adds every document of a multi-document YAML text; `source` (a file name) prefixes
+    /// each document's origin in the errors returned.
+    pub fn add_documents(&mut self, text: &str, source: &str) -> Vec<ObjectError> {
+        let mut errors = Vec::new();
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let origin = format!("{source} (document {})", i + 1);
+            match serde_yaml::Value::deserialize(doc) {
+                Ok(serde_yaml::Value::Null) => {}
+                Ok(value) => errors.extend(self.add(value, &origin).err()),
+                Err(e) => {
+                    errors.push(ObjectError {
+                        origin,
+                        object: "?".into(),
+                        reason: format!("broken YAML: {e}"),
+                    });
+                    // The parser cannot resynchronise inside a text.
+                    break;
+                }
+            }
+        }
+        errors
+    }
+
     /// The custom objects of `kind` (e.g. "AuthorizationPolicy").
     pub fn custom(&self, kind: &str) -> impl Iterator<Item = &CustomObject> {
         self.custom.get(kind).into_iter().flat_map(|m| m.values())
@@ -212,25 +235,7 @@ pub fn load_dir(dir: &Path, trust_domain: &str) -> std::io::Result<(Objects, Vec
             .unwrap_or(&file)
             .display()
             .to_string();
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let origin = format!("{shown} (document {})", i + 1);
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(serde_yaml::Value::Null) => continue,
-                Ok(v) => v,
-                Err(e) => {
-                    errors.push(ObjectError {
-                        origin,
-                        object: "?".into(),
-                        reason: format!("broken YAML: {e}"),
-                    });
-                    // The parser cannot resynchronise inside a file.
-                    break;
-                }
-            };
-            if let Err(e) = objects.add(value, &origin) {
-                errors.push(e);
-            }
-        }
+        errors.extend(objects.add_documents(&text, &shown));
     }
     Ok((objects, errors))
 }

@@ -33,8 +33,9 @@ pub fn addresses(objects: &Objects) -> BTreeMap<String, Address> {
             out.insert(name, wrap(address::Type::Service(s)));
         }
     }
+    let policies = selector_policies(objects);
     for pod in objects.pods.values() {
-        let w = workload(objects, pod);
+        let w = workload(objects, pod, &policies);
         out.insert(w.uid.clone(), wrap(address::Type::Workload(w)));
     }
     out
@@ -51,7 +52,7 @@ pub fn authorizations(
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
     for obj in objects.custom("AuthorizationPolicy") {
-        match authz::authorization(obj) {
+        match authz::parse(obj).and_then(authz::authorization) {
             Ok(Some(a)) => {
                 out.insert(format!("{}/{}", a.namespace, a.name), a);
             }
@@ -62,24 +63,36 @@ pub fn authorizations(
     (out, errors)
 }
 
-/// namespace/name of the selector-based policies whose selector matches the pod.
-fn selecting_policies(
-    objects: &Objects,
+/// A selector-based policy for ztunnels: namespace, "namespace/name", selector labels.
+type SelectorPolicy = (String, String, BTreeMap<String, String>);
+
+/// The selector-based ztunnel policies, parsed once for all pods. Policies that do not
+/// parse are left out here and reported by [`authorizations`].
+fn selector_policies(objects: &Objects) -> Vec<SelectorPolicy> {
+    objects
+        .custom("AuthorizationPolicy")
+        .filter_map(|obj| authz::parse(obj).ok())
+        .filter(authz::for_ztunnel)
+        .filter_map(|p| {
+            let selector = p.spec.selector?.match_labels;
+            let ns = p.metadata.namespace;
+            Some((ns.clone(), format!("{ns}/{}", p.metadata.name), selector))
+        })
+        .collect()
+}
+
+/// namespace/name of the policies whose selector matches the pod.
+fn selecting(
+    policies: &[SelectorPolicy],
     pod_labels: &BTreeMap<String, String>,
     ns: &str,
 ) -> Vec<String> {
-    objects
-        .custom("AuthorizationPolicy")
-        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns)
-        .filter(|p| p.spec.get("targetRefs").is_none() && p.spec.get("targetRef").is_none())
-        .filter_map(|p| {
-            let labels = p.spec.get("selector")?.get("matchLabels")?.as_object()?;
-            let all = labels.iter().all(|(k, v)| {
-                v.as_str()
-                    .is_some_and(|v| pod_labels.get(k).map(String::as_str) == Some(v))
-            });
-            all.then(|| format!("{ns}/{}", p.metadata.name.as_deref().unwrap_or_default()))
+    policies
+        .iter()
+        .filter(|(pns, _, selector)| {
+            pns == ns && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
         })
+        .map(|(_, name, _)| name.clone())
         .collect()
 }
 
@@ -118,7 +131,7 @@ fn ip_bytes(ip: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn workload(objects: &Objects, pod: &Pod) -> Workload {
+fn workload(objects: &Objects, pod: &Pod, policies: &[SelectorPolicy]) -> Workload {
     let meta = &pod.metadata;
     let ns = meta
         .namespace
@@ -173,7 +186,7 @@ fn workload(objects: &Objects, pod: &Pod) -> Workload {
         workload_type: workload_type as i32,
         workload_name,
         services: backed_services(objects, pod, &ns),
-        authorization_policies: selecting_policies(objects, &pod_labels, &ns),
+        authorization_policies: selecting(policies, &pod_labels, &ns),
         // A pod said not to be Ready gets no new traffic; local-mode manifests rarely
         // carry conditions, so their absence counts as healthy.
         status: if ready_false {

@@ -20,29 +20,47 @@ use crate::objects::{CustomObject, ObjectError};
 /// The namespace whose selector-less policies apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
-/// The Authorization for `obj`, None when it is not for ztunnels (waypoint policies).
-pub fn authorization(obj: &CustomObject) -> Result<Option<Authorization>, ObjectError> {
+/// `obj` read as an AuthorizationPolicy.
+pub fn parse(obj: &CustomObject) -> Result<AuthorizationPolicyManifest, ObjectError> {
     let name = obj.metadata.name.clone().unwrap_or_default();
     let ns = obj
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".to_owned());
-    let err = |reason: String| ObjectError {
-        origin: "translation".into(),
-        object: format!("AuthorizationPolicy {ns}/{name}"),
-        reason,
-    };
     let doc = serde_json::json!({
         "metadata": {"name": name, "namespace": ns},
         "spec": obj.spec,
     });
-    let policy: AuthorizationPolicyManifest =
-        serde_json::from_value(doc).map_err(|e| err(format!("invalid spec: {e}")))?;
-    let spec = policy.spec;
-    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+    serde_json::from_value(doc).map_err(|e| policy_error(&ns, &name, format!("invalid spec: {e}")))
+}
+
+fn policy_error(ns: &str, name: &str, reason: String) -> ObjectError {
+    ObjectError {
+        origin: "translation".into(),
+        object: format!("AuthorizationPolicy {ns}/{name}"),
+        reason,
+    }
+}
+
+/// Whether a ztunnel enforces `policy` (waypoint policies name `targetRefs`).
+pub fn for_ztunnel(policy: &AuthorizationPolicyManifest) -> bool {
+    policy.spec.target_ref.is_none() && policy.spec.target_refs.is_empty()
+}
+
+/// The Authorization for `policy`, None when it is not for ztunnels (waypoint policies).
+pub fn authorization(
+    policy: AuthorizationPolicyManifest,
+) -> Result<Option<Authorization>, ObjectError> {
+    let (name, ns) = (
+        policy.metadata.name.clone(),
+        policy.metadata.namespace.clone(),
+    );
+    let err = |reason: String| policy_error(&ns, &name, reason);
+    if !for_ztunnel(&policy) {
         return Ok(None);
     }
+    let spec = policy.spec;
     let action = match spec.action {
         m::Action::Allow => Action::Allow,
         m::Action::Deny => Action::Deny,

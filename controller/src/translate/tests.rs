@@ -64,10 +64,7 @@ spec:
 
 fn objects() -> Objects {
     let mut objects = Objects::new("cluster.local");
-    for (i, doc) in serde_yaml::Deserializer::from_str(CLUSTER).enumerate() {
-        let value = serde::Deserialize::deserialize(doc).unwrap();
-        objects.add(value, &format!("document {}", i + 1)).unwrap();
-    }
+    assert_eq!(objects.add_documents(CLUSTER, "cluster"), vec![]);
     objects
 }
 
@@ -135,10 +132,7 @@ spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}
 
 fn with_policies() -> Objects {
     let mut objects = objects();
-    for (i, doc) in serde_yaml::Deserializer::from_str(POLICIES).enumerate() {
-        let value = serde::Deserialize::deserialize(doc).unwrap();
-        objects.add(value, &format!("policy {}", i + 1)).unwrap();
-    }
+    assert_eq!(objects.add_documents(POLICIES, "policies"), vec![]);
     objects
 }
 

@@ -2,13 +2,14 @@
 //!
 //! Owns workload identity and certificates, the mesh's TLS policy, HBONE (client pool and
 //! server), the SOCKS5 wire protocol (server and client), the generated protobuf types of
-//! the control-plane protocols (`proto`), the drain primitive, and the
+//! the control-plane protocols (`proto`) and their clients (`xds`, `ca_client`), the drain primitive, and the
 //! admin/metrics/readiness servers. It must not know about any one proxy's config model,
 //! policy or routing: those live in `ztunnel` and `waypoint`, which depend on this crate
 //! and never on each other.
 
 pub mod admin;
 pub mod authz_manifest;
+pub mod ca_client;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
@@ -17,5 +18,6 @@ pub mod socks5;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
+pub mod xds;
 
 pub use identity::Identity;

@@ -49,7 +49,7 @@ pub struct Mesh {
 }
 
 /// Holds 127.B.0.1:19999 for the life of the test: the bind is the cross-process lock.
-fn claim_block() -> (u8, std::net::TcpListener) {
+pub fn claim_block() -> (u8, std::net::TcpListener) {
     let start = (std::process::id() % 150) as u8;
     for i in 0..150u8 {
         let b = 100 + (start.wrapping_add(i) % 150);

@@ -2,5 +2,6 @@
 //! processes, and the `mesh-bench` benchmarks. Nothing here is shipped.
 
 pub mod bench;
+pub mod controlled;
 pub mod harness;
 pub mod netns;

@@ -275,8 +275,8 @@ async fn certificate_rotation_mid_transfer() {
         assert_eq!(n, total);
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    mesh.node1.proxy().certs.issue(&id("client")).unwrap();
-    mesh.node2.proxy().certs.issue(&echo_id).unwrap();
+    mesh.node1.proxy().certs.issue(&id("client")).await.unwrap();
+    mesh.node2.proxy().certs.issue(&echo_id).await.unwrap();
     transfer.await.unwrap();
 
     // A new handshake presents the new certificate.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +17,41 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::certs::CertManager;
-use crate::config::Config;
+use mesh_core::ca_client::CaClient;
+use mesh_core::proto::type_url;
+use mesh_core::xds::{XdsClient, XdsConfig, XdsStatus};
+use tokio::sync::{mpsc, watch};
+
+use crate::certs::{CertManager, Issuer};
+use crate::config::{Config, Source};
 use crate::inbound::{self, HboneListeners};
 use crate::localfile;
 use crate::model::{Protocol, Snapshot};
 use crate::outbound;
 use crate::proxy::Proxy;
 use crate::telemetry::{AccessLog, Metrics};
+use crate::xds::XdsConfigHandler;
+
+/// How long applying a config waits for certificates of new workloads before going on
+/// (the rest are retried every second).
+const CERT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// A new config, the objects that were left out of it, and its sequence number.
+type Update = (Snapshot, Vec<String>, u64);
+
+/// The queue from config sources to the applier, numbering what it carries.
+#[derive(Clone)]
+struct Updates {
+    tx: mpsc::UnboundedSender<Update>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Updates {
+    fn send(&self, snap: Snapshot, errors: Vec<String>) {
+        let seq = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self.tx.send((snap, errors, seq));
+    }
+}
 
 /// Where each listener ended up (ports may have been 0).
 #[derive(Clone, Debug, Serialize)]
@@ -42,17 +69,27 @@ pub struct App {
     proxy: Arc<Proxy>,
     listeners: Arc<HboneListeners>,
     trigger: DrainTrigger,
+    /// Configs applied so far (the initial one included).
+    applied: watch::Receiver<u64>,
+    sent: Arc<AtomicU64>,
+    xds: Option<watch::Receiver<XdsStatus>>,
 }
 
 pub async fn build(cfg: Config) -> anyhow::Result<App> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let hbone_metrics = HboneMetrics::new(&mut registry);
-    let ca = load_ca(&cfg)?;
-    let (snap, errors) = localfile::load(&cfg.config_file)?;
+    let issuer = match &cfg.source {
+        Source::Local {
+            ca_cert, ca_key, ..
+        } => Issuer::Local(Box::new(load_ca(ca_cert, ca_key)?)),
+        Source::Controller { address, token, .. } => {
+            Issuer::Remote(CaClient::new(address, token.clone(), true)?)
+        }
+    };
     let (trigger, drain) = drain::new();
     let proxy = Arc::new(Proxy {
-        certs: CertManager::new(ca, cfg.cert_lifetime),
+        certs: CertManager::new(issuer, cfg.cert_lifetime),
         pool: Pool::new(cfg.hbone.clone(), hbone_metrics.clone()),
         state: ArcSwap::from_pointee(Snapshot::default()),
         metrics,
@@ -63,30 +100,154 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         cfg,
     });
     let listeners = Arc::new(HboneListeners::default());
-    apply(&proxy, &listeners, snap, errors);
-    let bound = bind_all(&proxy, &listeners, registry).await?;
-    spawn_background(&proxy, &listeners).await?;
+    let readiness = Readiness::default();
+    let (tx, pending) = mpsc::unbounded_channel::<Update>();
+    let updates = Updates {
+        tx,
+        sent: Arc::new(AtomicU64::new(0)),
+    };
+    let (applied_tx, applied) = watch::channel(0u64);
+    spawn_applier(&proxy, &listeners, pending, applied_tx);
+    let mut xds = None;
+    match proxy.cfg.source.clone() {
+        Source::Local { config_file, .. } => {
+            let initial = tokio::fs::read(&config_file).await.unwrap_or_default();
+            let (snap, errors) = localfile::load(&config_file)?;
+            apply(&proxy, &listeners, snap, errors).await;
+            let p = proxy.clone();
+            let tx = updates.clone();
+            tokio::spawn(localfile::watch(
+                config_file,
+                proxy.cfg.config_poll,
+                initial,
+                move |snap, errors| tx.send(snap, errors),
+                move |_| p.metrics.config_error(),
+            ));
+        }
+        Source::Controller {
+            address,
+            token,
+            initial_sync_timeout,
+        } => {
+            let status = start_xds(&proxy, &address, token, updates.clone());
+            readiness.block("xds");
+            let synced = wait_synced(status.clone(), applied.clone(), updates.sent.clone());
+            if tokio::time::timeout(initial_sync_timeout, synced)
+                .await
+                .is_err()
+            {
+                warn!(controller = %address, "no full config from the controller yet; serving what we have and retrying");
+            }
+            spawn_ready_when_synced(status.clone(), readiness.clone());
+            xds = Some(status);
+        }
+    }
+    let sent = updates.sent.clone();
+    drop(updates);
+    let bound = bind_all(&proxy, &listeners, registry, readiness, xds.clone()).await?;
+    spawn_renewal(&proxy);
     info!(node = %proxy.cfg.node, ?bound, "ztunnel ready");
     Ok(App {
         bound,
         proxy,
         listeners,
         trigger,
+        applied,
+        sent,
+        xds,
     })
 }
 
-fn load_ca(cfg: &Config) -> anyhow::Result<CertificateAuthority> {
+fn load_ca(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<CertificateAuthority> {
     let read = |p: &std::path::Path| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
-    let cert = read(&cfg.ca_cert)?;
-    let key = read(&cfg.ca_key)?;
-    CertificateAuthority::from_pem(&cert, &key).context("loading the development CA")
+    CertificateAuthority::from_pem(&read(cert)?, &read(key)?).context("loading the development CA")
+}
+
+/// Starts the delta ADS client; converted configs go to `updates`.
+fn start_xds(
+    proxy: &Arc<Proxy>,
+    address: &str,
+    token: Option<String>,
+    updates: Updates,
+) -> watch::Receiver<XdsStatus> {
+    let node_id = format!("ztunnel~{}~{}", proxy.cfg.listen_ip, proxy.cfg.node);
+    let mut cfg = XdsConfig::new(
+        address,
+        node_id,
+        &[type_url::ADDRESS, type_url::AUTHORIZATION],
+    );
+    cfg.token = token;
+    let handler = XdsConfigHandler::new(
+        &proxy.cfg.trust_domain,
+        Box::new(move |snap, errors| updates.send(snap, errors)),
+    );
+    let client = XdsClient::new(cfg, Arc::new(handler));
+    let status = client.status();
+    tokio::spawn(client.run(proxy.drain.clone()));
+    status
+}
+
+/// Resolves once every subscribed type has been received and what came is applied.
+async fn wait_synced(
+    mut status: watch::Receiver<XdsStatus>,
+    applied: watch::Receiver<u64>,
+    sent: Arc<AtomicU64>,
+) {
+    let types = [
+        type_url::ADDRESS.to_owned(),
+        type_url::AUTHORIZATION.to_owned(),
+    ];
+    let _ = status.wait_for(|s| s.synced_all(&types)).await;
+    wait_applied(applied, sent.load(Ordering::SeqCst)).await;
+}
+
+async fn wait_applied(mut applied: watch::Receiver<u64>, seq: u64) {
+    let _ = applied.wait_for(|n| *n >= seq).await;
+}
+
+fn spawn_ready_when_synced(mut status: watch::Receiver<XdsStatus>, readiness: Readiness) {
+    tokio::spawn(async move {
+        let types = [
+            type_url::ADDRESS.to_owned(),
+            type_url::AUTHORIZATION.to_owned(),
+        ];
+        if status.wait_for(|s| s.synced_all(&types)).await.is_ok() {
+            readiness.unblock("xds");
+        }
+    });
+}
+
+/// Applies configs in the order they came, one at a time.
+fn spawn_applier(
+    proxy: &Arc<Proxy>,
+    listeners: &Arc<HboneListeners>,
+    mut pending: mpsc::UnboundedReceiver<Update>,
+    applied: watch::Sender<u64>,
+) {
+    let (proxy, listeners) = (proxy.clone(), listeners.clone());
+    tokio::spawn(async move {
+        while let Some(mut update) = pending.recv().await {
+            // Only the newest of a burst matters.
+            while let Ok(newer) = pending.try_recv() {
+                update = newer;
+            }
+            let (snap, errors, seq) = update;
+            apply(&proxy, &listeners, snap, errors).await;
+            applied.send_replace(seq);
+        }
+    });
 }
 
 /// Makes `snap` the running config: certificates first, so listeners bound for new
 /// workloads can present them at once.
-fn apply(proxy: &Arc<Proxy>, listeners: &HboneListeners, snap: Snapshot, errors: Vec<String>) {
+async fn apply(
+    proxy: &Arc<Proxy>,
+    listeners: &HboneListeners,
+    snap: Snapshot,
+    errors: Vec<String>,
+) {
     for e in &errors {
         warn!("config object skipped: {e}");
         proxy.metrics.config_error();
@@ -98,7 +259,7 @@ fn apply(proxy: &Arc<Proxy>, listeners: &HboneListeners, snap: Snapshot, errors:
         .collect();
     let identities: BTreeSet<_> = local.iter().map(|w| w.identity()).collect();
     let ips: BTreeSet<IpAddr> = local.iter().flat_map(|w| w.ips.iter().copied()).collect();
-    proxy.certs.reconcile(&identities);
+    proxy.certs.reconcile(&identities, CERT_PATIENCE).await;
     proxy.state.store(Arc::new(snap));
     listeners.reconcile(proxy, &ips);
 }
@@ -107,6 +268,8 @@ async fn bind_all(
     proxy: &Arc<Proxy>,
     _listeners: &Arc<HboneListeners>,
     registry: Registry,
+    readiness: Readiness,
+    xds: Option<watch::Receiver<XdsStatus>>,
 ) -> anyhow::Result<Bound> {
     let cfg = &proxy.cfg;
     let bind = |port: u16, what: &str| {
@@ -123,15 +286,15 @@ async fn bind_all(
     tokio::spawn(inbound::serve_plaintext(proxy.clone(), plaintext));
     tokio::spawn(outbound::serve_socks5(proxy.clone(), socks));
 
-    let readiness = Readiness::default();
     let registry = Arc::new(registry);
     let metrics_routes = Routes::new()
         .route("/metrics", admin::metrics_route(registry))
         .route("/healthz", |_| admin::text(http::StatusCode::OK, "ok\n"));
     let ready_routes = Routes::new().route("/healthz/ready", readiness.route());
     let dump_proxy = proxy.clone();
-    let admin_routes =
-        Routes::new().route("/config_dump", move |_| admin::json(&dump(&dump_proxy)));
+    let admin_routes = Routes::new().route("/config_dump", move |_| {
+        admin::json(&dump(&dump_proxy, xds.as_ref().map(|s| s.borrow().clone())))
+    });
     let drain = proxy.drain.clone();
     Ok(Bound {
         outbound: bound_capture,
@@ -163,41 +326,29 @@ struct Dump<'a> {
     config: &'a Config,
     snapshot: Arc<Snapshot>,
     certificates: Vec<crate::certs::CertSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xds: Option<XdsStatus>,
 }
 
-fn dump(proxy: &Proxy) -> Dump<'_> {
+fn dump(proxy: &Proxy, xds: Option<XdsStatus>) -> Dump<'_> {
     Dump {
         config: &proxy.cfg,
         snapshot: proxy.state.load_full(),
         certificates: proxy.certs.summary(),
+        xds,
     }
 }
 
-/// The config-file watcher and certificate renewal.
-async fn spawn_background(
-    proxy: &Arc<Proxy>,
-    listeners: &Arc<HboneListeners>,
-) -> anyhow::Result<()> {
-    let path = proxy.cfg.config_file.clone();
-    let initial = tokio::fs::read(&path).await.unwrap_or_default();
-    let (p, l) = (proxy.clone(), listeners.clone());
-    let perr = proxy.clone();
-    tokio::spawn(localfile::watch(
-        path,
-        proxy.cfg.config_poll,
-        initial,
-        move |snap, errors| apply(&p, &l, snap, errors),
-        move |_| perr.metrics.config_error(),
-    ));
+/// Certificate renewal, and retries of certificates that could not be had.
+fn spawn_renewal(proxy: &Arc<Proxy>) {
     let renew = proxy.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            renew.certs.renew_due();
+            renew.certs.renew_due().await;
         }
     });
-    Ok(())
 }
 
 impl App {
@@ -207,6 +358,16 @@ impl App {
 
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
+    }
+
+    /// The xDS client's progress (controller mode).
+    pub fn xds_status(&self) -> Option<XdsStatus> {
+        self.xds.as_ref().map(|s| s.borrow().clone())
+    }
+
+    /// Waits until every config received so far has been applied.
+    pub async fn wait_applied(&self) {
+        wait_applied(self.applied.clone(), self.sent.load(Ordering::SeqCst)).await
     }
 
     /// Local addresses with an HBONE listener now.

@@ -1,18 +1,49 @@
 //! The node's workload certificates: one per identity of a local workload, issued ahead
-//! of need, renewed at half life, replaced whole so established connections keep theirs.
+//! of need (or on demand), renewed at half life, replaced whole so established
+//! connections keep theirs. A certificate that could not be had is retried every tick;
+//! one that cannot be renewed stays in use until it expires.
 //!
-//! In local mode certificates come from a development CA given on the command line; the
-//! controller issue replaces the issuer, not this cache. Reads are lock-free.
+//! The issuer is the controller's CA (CreateCertificate, asking on the workload's behalf)
+//! or, in local mode, a development CA given on the command line. Reads are lock-free.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use mesh_core::ca_client::{CaClient, CaClientError};
 use mesh_core::tls::{CaError, CertificateAuthority, TlsError, WorkloadCert};
 use mesh_core::Identity;
 use serde::Serialize;
 use tracing::{info, warn};
+
+/// Where certificates come from.
+pub enum Issuer {
+    /// Signs locally (local mode's development CA).
+    Local(Box<CertificateAuthority>),
+    /// Asks the controller.
+    Remote(CaClient),
+}
+
+impl Issuer {
+    async fn issue(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, CertError> {
+        match self {
+            Issuer::Local(ca) => ca.issue(id, lifetime).map_err(|source| CertError::Issue {
+                identity: id.clone(),
+                source: Box::new(source),
+            }),
+            Issuer::Remote(client) => {
+                client
+                    .fetch(id, lifetime)
+                    .await
+                    .map_err(|source| CertError::Fetch {
+                        identity: id.clone(),
+                        source: Box::new(source),
+                    })
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -20,6 +51,11 @@ pub enum CertError {
     Issue {
         identity: Identity,
         source: Box<CaError>,
+    },
+    #[error("fetching certificate for {identity}: {source}")]
+    Fetch {
+        identity: Identity,
+        source: Box<CaClientError>,
     },
     #[error("TLS config for {identity}: {source}")]
     Tls {
@@ -35,10 +71,14 @@ pub struct Entry {
 }
 
 pub struct CertManager {
-    ca: CertificateAuthority,
+    issuer: Issuer,
     lifetime: Duration,
     entries: ArcSwap<HashMap<Identity, Arc<Entry>>>,
+    /// Identities of the node's workloads now: kept, retried when missing.
+    wanted: Mutex<BTreeSet<Identity>>,
     write: Mutex<()>,
+    /// One request to the issuer at a time, so concurrent callers share a result.
+    issuing: tokio::sync::Mutex<()>,
 }
 
 /// What `/config_dump` shows of a certificate.
@@ -51,12 +91,14 @@ pub struct CertSummary {
 }
 
 impl CertManager {
-    pub fn new(ca: CertificateAuthority, lifetime: Duration) -> Self {
+    pub fn new(issuer: Issuer, lifetime: Duration) -> Self {
         CertManager {
-            ca,
+            issuer,
             lifetime,
             entries: ArcSwap::from_pointee(HashMap::new()),
+            wanted: Mutex::new(BTreeSet::new()),
             write: Mutex::new(()),
+            issuing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -65,22 +107,25 @@ impl CertManager {
     }
 
     /// The certificate for `id`, issued now if we do not hold one.
-    pub fn get_or_issue(&self, id: &Identity) -> Result<Arc<Entry>, CertError> {
+    pub async fn get_or_issue(&self, id: &Identity) -> Result<Arc<Entry>, CertError> {
+        if let Some(e) = self.get(id) {
+            return Ok(e);
+        }
+        let _one = self.issuing.lock().await;
         match self.get(id) {
             Some(e) => Ok(e),
-            None => self.issue(id),
+            None => self.issue_locked(id).await,
         }
     }
 
     /// Issues (or re-issues) the certificate for `id` and swaps it in.
-    pub fn issue(&self, id: &Identity) -> Result<Arc<Entry>, CertError> {
-        let cert = self
-            .ca
-            .issue(id, self.lifetime)
-            .map_err(|source| CertError::Issue {
-                identity: id.clone(),
-                source: Box::new(source),
-            })?;
+    pub async fn issue(&self, id: &Identity) -> Result<Arc<Entry>, CertError> {
+        let _one = self.issuing.lock().await;
+        self.issue_locked(id).await
+    }
+
+    async fn issue_locked(&self, id: &Identity) -> Result<Arc<Entry>, CertError> {
+        let cert = self.issuer.issue(id, self.lifetime).await?;
         let server = cert.server_config().map_err(|source| CertError::Tls {
             identity: id.clone(),
             source: Box::new(source),
@@ -97,34 +142,46 @@ impl CertManager {
         Ok(entry)
     }
 
-    /// Holds certificates for exactly `wanted`: issues missing ones, drops the rest.
-    pub fn reconcile(&self, wanted: &BTreeSet<Identity>) {
-        for id in wanted {
-            if self.get(id).is_none() {
-                if let Err(e) = self.issue(id) {
-                    warn!("{e}");
+    /// Holds certificates for exactly `wanted`: issues missing ones (waiting at most
+    /// `patience` for them; the rest are retried by [`Self::renew_due`]), drops the others.
+    pub async fn reconcile(&self, wanted: &BTreeSet<Identity>, patience: Duration) {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
+        {
+            let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = HashMap::clone(&self.entries.load());
+            map.retain(|id, _| wanted.contains(id));
+            self.entries.store(Arc::new(map));
+        }
+        let missing = async {
+            for id in wanted {
+                if let Err(e) = self.get_or_issue(id).await {
+                    warn!("{e}; will retry");
                 }
             }
+        };
+        if tokio::time::timeout(patience, missing).await.is_err() {
+            warn!("certificates still missing after {patience:?}; retrying in the background");
         }
-        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let mut map = HashMap::clone(&self.entries.load());
-        map.retain(|id, _| wanted.contains(id));
-        self.entries.store(Arc::new(map));
     }
 
-    /// Renews every certificate past its refresh time. Called periodically.
-    pub fn renew_due(&self) {
+    /// Renews every certificate past its refresh time and retries missing ones. Called
+    /// periodically.
+    pub async fn renew_due(&self) {
         let now = SystemTime::now();
-        let due: Vec<Identity> = self
-            .entries
-            .load()
-            .iter()
+        let entries = self.entries.load_full();
+        let wanted = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let missing = wanted.iter().filter(|id| !entries.contains_key(*id));
+        let due = (entries.iter())
             .filter(|(_, e)| e.cert.refresh_at() <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            if let Err(e) = self.issue(&id) {
-                warn!("renewal failed, keeping the current certificate: {e}");
+            .map(|(id, _)| id);
+        let todo: Vec<Identity> = missing.chain(due).cloned().collect();
+        for id in todo {
+            if let Err(e) = self.issue(&id).await {
+                warn!("renewal failed, keeping the current certificate if any: {e}");
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The ztunnel's runtime config: flags (and, later, environment) converted into one
-//! validated `Config`, which `/config_dump` shows as it runs.
+//! validated `Config`, which `/config_dump` shows as it runs (secrets left out).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,14 +32,37 @@ impl Default for Ports {
     }
 }
 
+/// Where config and certificates come from.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase", tag = "mode")]
+pub enum Source {
+    /// One YAML file (see `examples/local-mesh.yaml`) and a development CA on disk.
+    #[serde(rename_all = "camelCase")]
+    Local {
+        config_file: PathBuf,
+        ca_cert: PathBuf,
+        ca_key: PathBuf,
+    },
+    /// The controller: delta ADS for config, CreateCertificate for certificates.
+    #[serde(rename_all = "camelCase")]
+    Controller {
+        /// `http://host:15010`
+        address: String,
+        /// Bearer token; never shown in dumps.
+        #[serde(skip)]
+        token: Option<String>,
+        /// How long to wait for the first full config before serving anyway.
+        initial_sync_timeout: Duration,
+    },
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     /// The node whose workloads this ztunnel serves.
     pub node: String,
-    /// Local-mode config file (see `examples/local-mesh.yaml`).
-    pub config_file: PathBuf,
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+    pub source: Source,
+    /// The trust domain of workloads whose resources name none.
+    pub trust_domain: String,
     /// Address of the node-level listeners (outbound, plaintext inbound, SOCKS5, admin).
     pub listen_ip: IpAddr,
     pub ports: Ports,
@@ -53,12 +76,35 @@ pub struct Config {
 }
 
 impl Config {
+    /// Local mode: config from a file, certificates from a development CA.
     pub fn new(node: &str, config_file: PathBuf, ca_cert: PathBuf, ca_key: PathBuf) -> Self {
+        Self::with_source(
+            node,
+            Source::Local {
+                config_file,
+                ca_cert,
+                ca_key,
+            },
+        )
+    }
+
+    /// Config and certificates from the controller at `address` (`http://host:15010`).
+    pub fn with_controller(node: &str, address: &str, token: Option<String>) -> Self {
+        Self::with_source(
+            node,
+            Source::Controller {
+                address: address.to_owned(),
+                token,
+                initial_sync_timeout: Duration::from_secs(10),
+            },
+        )
+    }
+
+    pub fn with_source(node: &str, source: Source) -> Self {
         Config {
             node: node.to_owned(),
-            config_file,
-            ca_cert,
-            ca_key,
+            source,
+            trust_domain: mesh_core::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
             listen_ip: IpAddr::from([127, 0, 0, 1]),
             ports: Ports::default(),
             cert_lifetime: Duration::from_secs(24 * 3600),

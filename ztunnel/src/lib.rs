@@ -15,3 +15,4 @@ pub mod outbound;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod xds;

@@ -205,6 +205,7 @@ fn workloads(file: &File, errors: &mut Vec<String>) -> Vec<Workload> {
                 ProtocolSpec::Tcp => Protocol::Tcp,
             },
             labels: w.labels.clone(),
+            authorization_policies: Vec::new(),
         });
     }
     out
@@ -254,6 +255,7 @@ fn services(file: &File, workloads: &[Workload], errors: &mut Vec<String>) -> Ve
                 })
                 .collect(),
             endpoints,
+            endpoint_ports: BTreeMap::new(),
         });
     }
     out

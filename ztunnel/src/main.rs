@@ -2,25 +2,33 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use ztunnel::config::{Config, Ports};
 
-/// ztunnel: the per-node L4 proxy of the ambient mesh (local mode).
+/// ztunnel: the per-node L4 proxy of the ambient mesh. Config and certificates come from
+/// the controller (`--xds-address`), or in local mode from a file and a development CA.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
     /// Node whose workloads this ztunnel serves.
     #[arg(long)]
     node: String,
-    /// Local-mode config file (see examples/local-mesh.yaml); edits apply live.
+    /// The controller's gRPC address (delta ADS and CA), e.g. http://127.0.0.1:15010.
+    #[arg(long, conflicts_with_all = ["config", "ca_cert", "ca_key"])]
+    xds_address: Option<String>,
+    /// File holding this ztunnel's bearer token for the controller.
+    #[arg(long, requires = "xds_address")]
+    token_file: Option<PathBuf>,
+    /// Local mode: config file (see examples/local-mesh.yaml); edits apply live.
+    #[arg(long, required_unless_present = "xds_address", requires_all = ["ca_cert", "ca_key"])]
+    config: Option<PathBuf>,
+    /// Local mode: development CA certificate (PEM) that signs this node's certificates.
     #[arg(long)]
-    config: PathBuf,
-    /// Development CA certificate (PEM) that signs this node's workload certificates.
+    ca_cert: Option<PathBuf>,
+    /// Local mode: development CA private key (PKCS#8 PEM).
     #[arg(long)]
-    ca_cert: PathBuf,
-    /// Development CA private key (PKCS#8 PEM).
-    #[arg(long)]
-    ca_key: PathBuf,
+    ca_key: Option<PathBuf>,
     /// Address for node-level listeners (capture, plaintext inbound, SOCKS5, admin).
     #[arg(long, default_value = "127.0.0.1")]
     listen_ip: IpAddr,
@@ -52,7 +60,24 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     mesh_core::admin::init_logging();
     let args = Args::parse();
-    let mut cfg = Config::new(&args.node, args.config, args.ca_cert, args.ca_key);
+    let mut cfg = match (args.xds_address, args.config, args.ca_cert, args.ca_key) {
+        (Some(address), ..) => {
+            let token = match &args.token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            Config::with_controller(&args.node, &address, token)
+        }
+        (None, Some(config), Some(ca_cert), Some(ca_key)) => {
+            Config::new(&args.node, config, ca_cert, ca_key)
+        }
+        _ => anyhow::bail!("give --xds-address, or --config with --ca-cert and --ca-key"),
+    };
     cfg.listen_ip = args.listen_ip;
     cfg.ports = Ports {
         hbone: args.hbone_port,

@@ -34,6 +34,10 @@ pub struct Workload {
     pub node: String,
     pub protocol: Protocol,
     pub labels: Labels,
+    /// `namespace/name` of the selector policies that apply, as resolved by the
+    /// controller (xDS mode; local mode matches selectors against `labels` instead).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
 }
 
 impl Workload {
@@ -65,14 +69,37 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Workload uids, resolved from the service's selector.
     pub endpoints: Vec<String>,
+    /// Per-endpoint target ports where they differ by pod (named target ports), by uid.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_ports: BTreeMap<String, Vec<ServicePort>>,
 }
 
 impl Service {
-    pub fn target_port(&self, port: u16) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.port == port)
-            .map(|p| p.target_port)
+    pub fn has_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|p| p.port == port)
+    }
+
+    /// The port endpoint `uid` serves service port `port` on; `None` when the service has
+    /// no such port or the endpoint does not serve it.
+    pub fn target_port(&self, uid: &str, port: u16) -> Option<u16> {
+        let own = (self.endpoint_ports.get(uid))
+            .and_then(|ps| ps.iter().find(|p| p.port == port))
+            .map(|p| p.target_port);
+        own.or_else(|| {
+            (self.ports.iter())
+                .find(|p| p.port == port)
+                .map(|p| p.target_port)
+        })
+        .filter(|p| *p != 0)
+    }
+
+    fn targets(&self, uid: &str, target_port: u16) -> bool {
+        let own = self
+            .endpoint_ports
+            .get(uid)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        (own.iter().chain(&self.ports)).any(|p| p.target_port == target_port)
     }
 }
 
@@ -203,7 +230,7 @@ impl Snapshot {
         self.by_endpoint
             .get(uid)?
             .iter()
-            .find(|s| s.ports.iter().any(|p| p.target_port == target_port))
+            .find(|s| s.targets(uid, target_port))
     }
 
     /// Workloads served by the ztunnel of `node`.

@@ -112,14 +112,14 @@ impl Proxy {
         rec: &mut ConnRecord,
     ) -> Result<Upstream, OutboundError> {
         rec.dst_service = Some(svc.hostname.clone());
-        let target_port = svc.target_port(port).ok_or_else(|| OutboundError::NoPort {
-            service: svc.hostname.clone(),
-            port,
-        })?;
-        let endpoints: Vec<&Arc<Workload>> = svc
-            .endpoints
-            .iter()
-            .filter_map(|uid| snap.workload(uid))
+        if !svc.has_port(port) {
+            return Err(OutboundError::NoPort {
+                service: svc.hostname.clone(),
+                port,
+            });
+        }
+        let endpoints: Vec<(&Arc<Workload>, u16)> = (svc.endpoints.iter())
+            .filter_map(|uid| Some((snap.workload(uid)?, svc.target_port(uid, port)?)))
             .collect();
         if endpoints.is_empty() {
             return Err(OutboundError::NoEndpoints {
@@ -129,7 +129,7 @@ impl Proxy {
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         for i in 0..endpoints.len() {
-            let ep = endpoints[(start + i) % endpoints.len()];
+            let (ep, target_port) = endpoints[(start + i) % endpoints.len()];
             let addr = SocketAddr::new(ep.ips[0], target_port);
             match self.to_workload(src_w, ep, addr, client, rec).await {
                 Err(OutboundError::Hbone(e)) if e.is_refusal() => {
@@ -162,7 +162,7 @@ impl Proxy {
             return self.passthrough(addr, rec).await;
         }
         let src_id = src_w.identity();
-        let cert = self.certs.get_or_issue(&src_id)?;
+        let cert = self.certs.get_or_issue(&src_id).await?;
         let key = PoolKey {
             src: src_id,
             dst: dst_w.identity(),

@@ -10,6 +10,7 @@
 
 pub use mesh_core::authz_manifest as manifest;
 mod rule;
+mod wire;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -45,6 +46,12 @@ pub enum PolicyError {
     UnknownConditionKey { policy: String, key: String },
     #[error("AuthorizationPolicy {policy}: `when` key {key:?} has neither values nor notValues")]
     EmptyCondition { policy: String, key: String },
+    #[error("Authorization {policy}: unknown {field} value {value}")]
+    UnknownValue {
+        policy: String,
+        field: &'static str,
+        value: i32,
+    },
 }
 
 /// What a policy does when one of its rules matches.
@@ -69,11 +76,18 @@ pub enum Scope {
     Selector { match_labels: Labels },
     /// Selector in the root namespace: matching workloads of every namespace.
     MeshSelector { match_labels: Labels },
+    /// Selector resolved by the controller: the workloads that list the policy in their
+    /// `authorization_policies`.
+    Listed,
 }
 
 impl Scope {
     fn mesh_wide(&self) -> bool {
-        matches!(self, Scope::Mesh | Scope::MeshSelector { .. })
+        // A listed policy of the root namespace covers workloads of every namespace.
+        matches!(
+            self,
+            Scope::Mesh | Scope::MeshSelector { .. } | Scope::Listed
+        )
     }
 }
 
@@ -175,6 +189,7 @@ impl Policy {
                 w.namespace == self.namespace && labels_match(match_labels, &w.labels)
             }
             Scope::MeshSelector { match_labels } => labels_match(match_labels, &w.labels),
+            Scope::Listed => w.authorization_policies.contains(&self.id),
         }
     }
 

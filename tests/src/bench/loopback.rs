@@ -90,22 +90,9 @@ workloads:
     }
 }
 
-/// The `ztunnel` binary next to the running executable (or one directory up, for test
-/// binaries in `deps/`), else in this workspace's `target/release`; `ZTUNNEL_BIN`
-/// overrides both.
+/// The `ztunnel` binary (see [`super::process::workspace_binary`]); `ZTUNNEL_BIN` overrides.
 pub fn default_ztunnel_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("ZTUNNEL_BIN") {
-        return path.into();
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join("ztunnel");
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ztunnel")
+    super::process::workspace_binary("ztunnel", "ZTUNNEL_BIN")
 }
 
 /// Two ztunnels running as child processes on loopback, node1 and node2, sharing a

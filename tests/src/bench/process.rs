@@ -8,6 +8,26 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
+/// A binary of this workspace: the environment variable `env` if set, else next to the
+/// running executable (or one directory up, for test binaries in `deps/`), else in the
+/// workspace's `target/release`.
+pub fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return path.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/release")
+        .join(name)
+}
+
 /// Where the child's stdout goes.
 #[derive(Debug, Clone)]
 pub enum Stdout {

@@ -6,7 +6,7 @@ fn example_file_parses() {
     assert!(errors.is_empty(), "{errors:?}");
     let echo = snap.service_by_vip("127.0.10.1".parse().unwrap()).unwrap();
     assert_eq!(echo.hostname, "echo.default.svc.cluster.local");
-    assert_eq!(echo.target_port(80), Some(8080));
+    assert_eq!(echo.target_port("default/echo-v1", 80), Some(8080));
     assert_eq!(echo.endpoints, vec!["default/echo-v1", "default/echo-v2"]);
     let sleep = snap.workload_by_ip("127.0.1.10".parse().unwrap()).unwrap();
     assert_eq!(

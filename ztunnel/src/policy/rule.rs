@@ -24,6 +24,10 @@ pub struct Rule {
     to: Vec<Operation>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     when: Vec<Condition>,
+    /// Rules that came over xDS (`istio.security.Rule`): every clause must match, and a
+    /// clause matches when one of its matches does.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    clauses: Vec<Vec<WireMatch>>,
     /// L7 attributes the rule named; a ztunnel cannot see them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     l7_attributes: Vec<String>,
@@ -48,6 +52,19 @@ impl Rule {
             && (self.from.is_empty() || self.from.iter().any(|s| s.matches(conn)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(conn)))
             && self.when.iter().all(|c| c.matches(conn))
+            && (self.clauses.iter()).all(|c| c.is_empty() || c.iter().any(|m| m.matches(conn)))
+    }
+
+    /// A rule as the controller sends it: clauses of alternative matches.
+    pub(super) fn from_clauses(clauses: Vec<Vec<WireMatch>>) -> Rule {
+        Rule {
+            from: Vec::new(),
+            to: Vec::new(),
+            when: Vec::new(),
+            clauses,
+            l7_attributes: Vec::new(),
+            never_matches: false,
+        }
     }
 
     pub(super) fn from_manifest(
@@ -69,6 +86,7 @@ impl Rule {
             from,
             to,
             when,
+            clauses: Vec::new(),
             never_matches: action == Action::Allow && !l7.is_empty(),
             l7_attributes: l7.into_iter().collect(),
         })
@@ -87,7 +105,7 @@ pub struct MatchList<T> {
 }
 
 impl<T> MatchList<T> {
-    fn new(values: Vec<T>, not_values: Vec<T>) -> Self {
+    pub(super) fn new(values: Vec<T>, not_values: Vec<T>) -> Self {
         MatchList { values, not_values }
     }
 
@@ -100,6 +118,47 @@ impl<T> MatchList<T> {
     fn matches(&self, mut hit: impl FnMut(&T) -> bool) -> bool {
         (self.values.is_empty() || self.values.iter().any(&mut hit))
             && !self.not_values.iter().any(hit)
+    }
+}
+
+/// One `istio.security.Match`: every list that is set must match.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WireMatch {
+    #[serde(skip_serializing_if = "MatchList::is_empty")]
+    pub(super) namespaces: MatchList<StringMatch>,
+    #[serde(skip_serializing_if = "MatchList::is_empty")]
+    pub(super) principals: MatchList<StringMatch>,
+    /// (namespace, service account)
+    #[serde(skip_serializing_if = "MatchList::is_empty")]
+    pub(super) service_accounts: MatchList<(String, String)>,
+    #[serde(skip_serializing_if = "MatchList::is_empty")]
+    pub(super) source_ips: MatchList<IpNet>,
+    #[serde(skip_serializing_if = "MatchList::is_empty")]
+    pub(super) destination_ips: MatchList<IpNet>,
+    #[serde(skip_serializing_if = "MatchList::is_empty")]
+    pub(super) destination_ports: MatchList<u16>,
+}
+
+impl<T> Default for MatchList<T> {
+    fn default() -> Self {
+        MatchList::new(Vec::new(), Vec::new())
+    }
+}
+
+impl WireMatch {
+    fn matches(&self, conn: &ConnInfo<'_>) -> bool {
+        self.namespaces.matches(|m| namespace_matches(m, conn))
+            && self.principals.matches(|m| principal_matches(m, conn))
+            && self.service_accounts.matches(|(ns, sa)| {
+                conn.src_identity
+                    .is_some_and(|id| id.namespace() == ns && id.service_account() == sa)
+            })
+            && self.source_ips.matches(|net| net.contains(&conn.src_ip))
+            && self
+                .destination_ips
+                .matches(|net| net.contains(&conn.dst_ip))
+            && self.destination_ports.matches(|p| *p == conn.dst_port)
     }
 }
 

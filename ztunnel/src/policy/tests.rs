@@ -38,6 +38,7 @@ fn workload(namespace: &str, labels: &[(&str, &str)]) -> Workload {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        authorization_policies: Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod analyze;
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run a two-node mesh on loopback, send traffic through it and show what happened.
     Demo(demo::DemoArgs),
+    /// Check a directory of manifests for mistakes the mesh would otherwise skip silently.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 #[tokio::main]
@@ -27,6 +30,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).await,
+        Command::Analyze(args) => analyze::run(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

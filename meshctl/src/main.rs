@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod analyze;
 mod demo;
+mod ztunnel_config;
 
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version, about = "Operate the ambient mesh")]
@@ -23,6 +24,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Check a directory of manifests for mistakes the mesh would otherwise skip silently.
     Analyze(analyze::AnalyzeArgs),
+    /// Show what a ztunnel holds (from its admin /config_dump): workloads, services,
+    /// policies or certificates.
+    ZtunnelConfig(ztunnel_config::ZtunnelConfigArgs),
 }
 
 #[tokio::main]
@@ -31,6 +35,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).await,
         Command::Analyze(args) => analyze::run(&args),
+        Command::ZtunnelConfig(args) => ztunnel_config::run(&args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

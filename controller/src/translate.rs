@@ -1,5 +1,10 @@
 //! Translation of the object model into the resources proxies receive over xDS:
-//! `istio.workload.Address` (one Workload per pod, one Service per Kubernetes Service).
+//! `istio.workload.Address` (one Workload per pod, one Service per Kubernetes Service) and
+//! `istio.security.Authorization` (from AuthorizationPolicy and PeerAuthentication).
+//!
+//! A pod backs the Services that select it, and the Services without a selector whose
+//! EndpointSlices list its IP; slice addresses that match no pod are logged and left out
+//! (endpoints outside the cluster's pods are not modelled yet).
 //!
 //! Enrolment: a pod is in the mesh (HBONE) when its namespace or the pod itself carries
 //! `istio.io/dataplane-mode=ambient` and the pod does not say `none`; other pods are sent
@@ -15,9 +20,14 @@ use mesh_core::proto::istio::workload::{
     Workload, WorkloadStatus, WorkloadType,
 };
 
-use crate::objects::{ObjectError, Objects};
+use tracing::info;
+
+use crate::objects::{Key, ObjectError, Objects};
 
 pub mod authz;
+pub mod peerauth;
+
+use peerauth::PeerAuths;
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The cluster id and DNS domain of local mode (and of a single-cluster install).
@@ -33,12 +43,26 @@ pub fn addresses(objects: &Objects) -> BTreeMap<String, Address> {
             out.insert(name, wrap(address::Type::Service(s)));
         }
     }
-    let policies = selector_policies(objects);
-    for pod in objects.pods.values() {
-        let w = workload(objects, pod, &policies);
+    let policies = Policies {
+        authz: selector_policies(objects),
+        peer: PeerAuths::new(objects).0,
+    };
+    let (mut sliced, skipped) = slice_backings(objects);
+    for s in &skipped {
+        info!("endpoint skipped: {s}");
+    }
+    for (key, pod) in &objects.pods {
+        let mut w = workload(objects, pod, &policies);
+        w.services.extend(sliced.remove(key).unwrap_or_default());
         out.insert(w.uid.clone(), wrap(address::Type::Workload(w)));
     }
     out
+}
+
+/// The policies workloads list, parsed once for all pods.
+struct Policies {
+    authz: Vec<SelectorPolicy>,
+    peer: PeerAuths,
 }
 
 /// Every Authorization resource for ztunnels, keyed by namespace/name, and the policies
@@ -59,6 +83,11 @@ pub fn authorizations(
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
+    }
+    let (peer, peer_errors) = PeerAuths::new(objects);
+    errors.extend(peer_errors);
+    for a in peer.authorizations() {
+        out.insert(format!("{}/{}", a.namespace, a.name), a);
     }
     (out, errors)
 }
@@ -131,7 +160,7 @@ fn ip_bytes(ip: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn workload(objects: &Objects, pod: &Pod, policies: &[SelectorPolicy]) -> Workload {
+fn workload(objects: &Objects, pod: &Pod, policies: &Policies) -> Workload {
     let meta = &pod.metadata;
     let ns = meta
         .namespace
@@ -143,14 +172,10 @@ fn workload(objects: &Objects, pod: &Pod, policies: &[SelectorPolicy]) -> Worklo
     let pod_labels = labels(meta);
     let label = |keys: &[&str]| keys.iter().find_map(|k| pod_labels.get(*k).cloned());
 
-    let mut ips: Vec<String> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| ips.iter().map(|i| i.ip.clone()).collect())
-        .unwrap_or_default();
-    if ips.is_empty() {
-        ips.extend(status.and_then(|s| s.pod_ip.clone()));
-    }
+    let ips = pod_ips(pod);
     let (workload_type, workload_name) = owner(pod, &name);
+    let mut authorization_policies = selecting(&policies.authz, &pod_labels, &ns);
+    authorization_policies.extend(policies.peer.policies_for(&ns, &pod_labels));
     let ready_false = status
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
@@ -186,7 +211,7 @@ fn workload(objects: &Objects, pod: &Pod, policies: &[SelectorPolicy]) -> Worklo
         workload_type: workload_type as i32,
         workload_name,
         services: backed_services(objects, pod, &ns),
-        authorization_policies: selecting(policies, &pod_labels, &ns),
+        authorization_policies,
         // A pod said not to be Ready gets no new traffic; local-mode manifests rarely
         // carry conditions, so their absence counts as healthy.
         status: if ready_false {
@@ -259,6 +284,107 @@ fn backed_services(objects: &Objects, pod: &Pod, ns: &str) -> BTreeMap<String, P
         );
     }
     out
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Services without a selector take their endpoints from EndpointSlices: pod key ->
+/// ("namespace/hostname" -> ports) for every slice address that is a pod's IP, and a note
+/// for each address that is not.
+fn slice_backings(
+    objects: &Objects,
+) -> (BTreeMap<Key, BTreeMap<String, PortList>>, Vec<ObjectError>) {
+    let mut by_ip: BTreeMap<IpAddr, &Key> = BTreeMap::new();
+    for (key, pod) in &objects.pods {
+        for ip in pod_ips(pod) {
+            if let Ok(ip) = ip.parse() {
+                by_ip.insert(ip, key);
+            }
+        }
+    }
+    let mut out: BTreeMap<Key, BTreeMap<String, PortList>> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for ((ns, slice_name), slice) in &objects.endpoint_slices {
+        let Some(svc_name) = labels(&slice.metadata).get(SERVICE_NAME_LABEL).cloned() else {
+            continue;
+        };
+        let Some(svc) = objects.services.get(&(ns.clone(), svc_name.clone())) else {
+            continue;
+        };
+        if has_selector(svc) {
+            // The selector decides; Kubernetes' own slices for it say the same.
+            continue;
+        }
+        let ports = slice_ports(svc, slice);
+        for ep in &slice.endpoints {
+            for addr in &ep.addresses {
+                let pod = addr.parse().ok().and_then(|ip: IpAddr| by_ip.get(&ip));
+                let Some(pod) = pod else {
+                    skipped.push(ObjectError {
+                        origin: "translation".into(),
+                        object: format!("EndpointSlice {ns}/{slice_name}"),
+                        reason: format!(
+                            "address {addr} of service {svc_name} is no pod's IP (skipped)"
+                        ),
+                    });
+                    continue;
+                };
+                let list = out
+                    .entry((*pod).clone())
+                    .or_default()
+                    .entry(format!("{ns}/{}", hostname(&svc_name, ns)))
+                    .or_default();
+                for p in &ports {
+                    if !list.ports.contains(p) {
+                        list.ports.push(*p);
+                    }
+                }
+            }
+        }
+    }
+    (out, skipped)
+}
+
+fn has_selector(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| !s.is_empty())
+}
+
+/// A slice's ports matched by name to the Service's: the service port, and the slice's
+/// port as the target.
+fn slice_ports(svc: &Service, slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Vec<Port> {
+    let svc_ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+    slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|sp| {
+            let target = sp.port?;
+            let matching = svc_ports
+                .into_iter()
+                .flatten()
+                .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))?;
+            Some(Port {
+                service_port: matching.port as u32,
+                target_port: target as u32,
+            })
+        })
+        .collect()
+}
+
+fn pod_ips(pod: &Pod) -> Vec<String> {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|i| i.ip.clone()).collect())
+        .unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(status.and_then(|s| s.pod_ip.clone()));
+    }
+    ips
 }
 
 /// The container port called `name` in the pod.

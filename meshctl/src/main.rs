@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod analyze;
 mod demo;
+mod ztunnel_config;
 
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version, about = "Operate the ambient mesh")]
@@ -20,6 +22,11 @@ struct Cli {
 enum Command {
     /// Run a two-node mesh on loopback, send traffic through it and show what happened.
     Demo(demo::DemoArgs),
+    /// Check a directory of manifests for mistakes the mesh would otherwise skip silently.
+    Analyze(analyze::AnalyzeArgs),
+    /// Show what a ztunnel holds (from its admin /config_dump): workloads, services,
+    /// policies or certificates.
+    ZtunnelConfig(ztunnel_config::ZtunnelConfigArgs),
 }
 
 #[tokio::main]
@@ -27,6 +34,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).await,
+        Command::Analyze(args) => analyze::run(&args),
+        Command::ZtunnelConfig(args) => ztunnel_config::run(&args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

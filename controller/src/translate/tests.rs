@@ -173,3 +173,233 @@ fn workloads_name_the_selector_policies_that_apply() {
     };
     assert!(debug.authorization_policies.is_empty());
 }
+
+/// What PeerAuthentication gives ztunnels: the Authorization resources it adds, and the
+/// policies each workload lists.
+fn peer_authn(manifests: &str) -> (Vec<String>, String) {
+    let mut objects = objects();
+    assert_eq!(objects.add_documents(manifests, "peer"), vec![]);
+    let (auths, errors) = authorizations(&objects);
+    let listed: BTreeMap<String, Vec<String>> = addresses(&objects)
+        .into_values()
+        .filter_map(|a| match a.r#type {
+            Some(address::Type::Workload(w)) => Some((
+                format!("{}/{}", w.namespace, w.name),
+                w.authorization_policies,
+            )),
+            _ => None,
+        })
+        .collect();
+    let shown = format!("{auths:#?}\n{listed:#?}");
+    (errors.iter().map(ToString::to_string).collect(), shown)
+}
+
+const STATIC: &str = "istio-system/istio_converted_static_strict";
+
+fn listed(shown: &str, pod: &str) -> bool {
+    // The workload map prints as `"ns/pod": [ "policy", ],`.
+    let at = shown
+        .rfind(&format!("\"{pod}\": ["))
+        .expect("pod is listed");
+    let end = shown[at..].find(']').expect("list closes") + at;
+    shown[at..end].contains(STATIC)
+}
+
+#[test]
+fn mesh_strict_peer_authentication() {
+    let (errors, shown) = peer_authn(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#,
+    );
+    assert_eq!(errors, Vec::<String>::new());
+    for pod in ["shop/web-5d9f8c7b6-x2x9z", "shop/debug", "legacy/old"] {
+        assert!(listed(&shown, pod), "{pod}: {shown}");
+    }
+    insta::assert_snapshot!(shown);
+}
+
+#[test]
+fn namespace_strict_peer_authentication() {
+    let (errors, shown) = peer_authn(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"#,
+    );
+    assert_eq!(errors, Vec::<String>::new());
+    assert!(listed(&shown, "shop/web-5d9f8c7b6-x2x9z"), "{shown}");
+    assert!(listed(&shown, "shop/debug"), "{shown}");
+    assert!(!listed(&shown, "legacy/old"), "{shown}");
+    insta::assert_snapshot!(shown);
+}
+
+#[test]
+fn workload_permissive_overrides_namespace_strict() {
+    let (errors, shown) = peer_authn(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ns-unset, namespace: shop}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-open, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}}
+"#,
+    );
+    assert_eq!(errors, Vec::<String>::new());
+    assert!(!listed(&shown, "shop/web-5d9f8c7b6-x2x9z"), "{shown}");
+    assert!(listed(&shown, "shop/debug"), "UNSET inherits: {shown}");
+    insta::assert_snapshot!(shown);
+}
+
+#[test]
+fn workload_strict_peer_authentication() {
+    let (errors, shown) = peer_authn(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-strict, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}
+"#,
+    );
+    assert_eq!(errors, Vec::<String>::new());
+    assert!(listed(&shown, "shop/web-5d9f8c7b6-x2x9z"), "{shown}");
+    assert!(!listed(&shown, "shop/debug"), "{shown}");
+    assert!(!listed(&shown, "legacy/old"), "{shown}");
+    insta::assert_snapshot!(shown);
+}
+
+#[test]
+fn port_level_exceptions_get_their_own_policy() {
+    let (errors, shown) = peer_authn(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-metrics, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  portLevelMtls:
+    "9000": {mode: PERMISSIVE}
+    "8080": {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: old-admin, namespace: legacy}
+spec:
+  selector: {matchLabels: {app: old}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {"9443": {mode: STRICT}}
+"#,
+    );
+    assert_eq!(errors, Vec::<String>::new());
+    assert!(
+        shown.contains("\"shop/converted_peer_authentication_web-metrics\""),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("\"legacy/converted_peer_authentication_old-admin\""),
+        "{shown}"
+    );
+    assert!(!listed(&shown, "shop/web-5d9f8c7b6-x2x9z"), "{shown}");
+    insta::assert_snapshot!(shown);
+}
+
+#[test]
+fn bad_peer_authentications_are_reported_and_skipped() {
+    let (errors, shown) = peer_authn(
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: typo, namespace: shop}
+spec: {mtls: {mode: STRICTER}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: bad-port, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, portLevelMtls: {http: {mode: STRICT}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: ns-ports, namespace: legacy}
+spec: {mtls: {mode: STRICT}, portLevelMtls: {"80": {mode: PERMISSIVE}}}
+"#,
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(errors[0].contains("legacy/ns-ports: portLevelMtls needs a workload selector"));
+    assert!(errors[1].contains("shop/bad-port: portLevelMtls key \"http\""));
+    assert!(errors[2].contains("shop/typo: mtls mode \"STRICTER\""));
+    // The typo does not make shop STRICT; legacy's own mode still applies.
+    assert!(!listed(&shown, "shop/web-5d9f8c7b6-x2x9z"), "{shown}");
+    assert!(listed(&shown, "legacy/old"), "{shown}");
+}
+
+const SELECTORLESS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-db, namespace: legacy}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: sql, port: 5432, targetPort: 15432}, {name: metrics, port: 9100}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: legacy-db-a, namespace: legacy, labels: {kubernetes.io/service-name: legacy-db}}
+addressType: IPv4
+endpoints:
+  - addresses: [10.0.2.7]
+  - addresses: [192.168.50.1]
+ports: [{name: sql, port: 25432, protocol: TCP}, {name: metrics, port: 9100}, {name: other, port: 1}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-managed, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.2.8]}]
+ports: [{name: http, port: 8080}]
+"#;
+
+#[test]
+fn selectorless_services_take_endpoints_from_slices() {
+    let mut objects = objects();
+    assert_eq!(objects.add_documents(SELECTORLESS, "slices"), vec![]);
+    let (_, skipped) = slice_backings(&objects);
+    let skipped: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert!(skipped[0].contains("EndpointSlice legacy/legacy-db-a: address 192.168.50.1"));
+    let addrs = addresses(&objects);
+    let Some(address::Type::Workload(old)) = &addrs["Kubernetes//Pod/legacy/old"].r#type else {
+        panic!("old is a workload")
+    };
+    let Some(address::Type::Workload(opted)) = &addrs["Kubernetes//Pod/legacy/opted-in"].r#type
+    else {
+        panic!("opted-in is a workload")
+    };
+    // A Service with a selector ignores slices that name it.
+    assert!(!opted
+        .services
+        .contains_key("shop/web.shop.svc.cluster.local"));
+    insta::assert_debug_snapshot!(old.services);
+}

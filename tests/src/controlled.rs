@@ -64,6 +64,14 @@ impl ControlledMesh {
     /// Writes `manifests`, starts the controller and both ztunnels (each returns once it
     /// has its first full config).
     pub async fn start(manifests: &[(&str, String)]) -> ControlledMesh {
+        ControlledMesh::start_with(manifests, |_| {}).await
+    }
+
+    /// As [`ControlledMesh::start`], with `tweak` applied to each node's config.
+    pub async fn start_with(
+        manifests: &[(&str, String)],
+        tweak: impl Fn(&mut Config),
+    ) -> ControlledMesh {
         let (block, lock) = claim_block();
         let dir = std::env::temp_dir().join(format!("mesh-ctl-{}-{block}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -82,7 +90,11 @@ impl ControlledMesh {
             write_manifest(&dir, &config_dir, block, file, text);
         }
         let controller = spawn_controller(&dir, &config_dir, grpc).await;
-        let node = |name, last, token| node_config(block, grpc, name, last, token);
+        let node = |name, last, token| {
+            let mut c = node_config(block, grpc, name, last, token);
+            tweak(&mut c);
+            c
+        };
         let node1 = ztunnel::app::build(node("node1", 11, NODE1_TOKEN))
             .await
             .unwrap();

@@ -253,3 +253,78 @@ async fn traffic_survives_the_controller_and_a_restart_resyncs_exactly() {
         .expect("the pod added while the controller was down");
     echo_roundtrip(tcp, 1024).await;
 }
+
+/// STRICT from a PeerAuthentication reaches the ztunnel as a policy denying peers without
+/// identity: a plaintext connection redirected to node2's 15006 (iptables DNAT in a
+/// network namespace of the test's own, as in `capture.rs`) is refused, HBONE is not.
+#[test]
+fn netns_strict_peer_authentication_from_the_controller_refuses_plaintext() {
+    use mesh_tests::netns::{nat_output, run_isolated};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+    use ztunnel::telemetry::Outcome;
+
+    const MARK: u32 = 0x539;
+    run_isolated(
+        "netns_strict_peer_authentication_from_the_controller_refuses_plaintext",
+        || async {
+            let mesh =
+                ControlledMesh::start_with(&base_manifests(), |c| c.hbone.socket_mark = Some(MARK))
+                    .await;
+            let plaintext = mesh.node2.bound().inbound_plaintext;
+            let capture = mesh.node1.bound().outbound;
+            let block = mesh.block;
+            nat_output(&format!("-p tcp -m mark --mark {MARK} -j RETURN"));
+            nat_output(&format!(
+                "-p tcp -s 127.{block}.1.0/24 -j DNAT --to-destination {capture}"
+            ));
+            nat_output(&format!(
+                "-p tcp -d 127.{block}.2.0/24 -j DNAT --to-destination {plaintext}"
+            ));
+            echo_server(mesh.addr("2.10", 8080)).await.unwrap();
+            let mut inbound = mesh.node2.proxy().log.subscribe();
+            let outsider = mesh.ip("3.1");
+            let attempt = async || {
+                let sock = TcpSocket::new_v4()?;
+                sock.bind(std::net::SocketAddr::new(outsider, 0))?;
+                let mut c = sock.connect(mesh.addr("2.10", 8080)).await?;
+                c.write_all(b"hello").await?;
+                let mut buf = [0u8; 16];
+                let n = c.read(&mut buf).await?;
+                Ok::<_, std::io::Error>(buf[..n].to_vec())
+            };
+            // PERMISSIVE: delivered in plaintext.
+            assert_eq!(attempt().await.unwrap(), b"hello");
+            let rec = next_log(&mut inbound).await;
+            assert!(!rec.mtls && rec.outcome == Outcome::Ok, "{rec:?}");
+
+            mesh.write(
+                "strict.yaml",
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+                 metadata: {name: strict, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n",
+            );
+            eventually(Duration::from_secs(2), "STRICT in force", async || {
+                attempt().await.is_err()
+            })
+            .await;
+            let rec = loop {
+                let rec = next_log(&mut inbound).await;
+                if rec.outcome == Outcome::Denied {
+                    break rec;
+                }
+            };
+            assert!(!rec.mtls);
+            assert!(
+                rec.policy.as_deref().is_some_and(|p| p.contains("strict")),
+                "the log names the policy: {rec:?}"
+            );
+
+            // Mesh traffic to the same workload still flows.
+            let sock = TcpSocket::new_v4().unwrap();
+            sock.bind(std::net::SocketAddr::new(mesh.ip("1.10"), 0))
+                .unwrap();
+            let c = sock.connect(mesh.addr("2.10", 8080)).await.unwrap();
+            echo_roundtrip(c, 4096).await;
+        },
+    );
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
+use crate::control_plane::ControlPlane;
 use crate::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::istio::v1::auth::IstioCertificateRequest;
 use crate::tls::{self, pem, WorkloadCert};
@@ -17,8 +18,6 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaClientError {
-    #[error("invalid CA address {0:?}")]
-    Address(String),
     #[error("the token is not a valid header value")]
     Token,
     #[error("making a CSR: {0}")]
@@ -39,20 +38,12 @@ pub struct CaClient {
 
 impl CaClient {
     /// Connects lazily: the first request dials, a lost connection is redialled.
-    pub fn new(
-        address: &str,
-        token: Option<String>,
-        impersonate: bool,
-    ) -> Result<Self, CaClientError> {
-        let channel = xds::endpoint(address)
-            .ok_or_else(|| CaClientError::Address(address.to_owned()))?
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
-        Ok(CaClient {
-            channel,
+    pub fn new(controller: &ControlPlane, token: Option<String>, impersonate: bool) -> Self {
+        CaClient {
+            channel: controller.channel(),
             token,
             impersonate,
-        })
+        }
     }
 
     /// A certificate for `identity` valid for `lifetime`, with the CA's root as trust anchor.
@@ -82,6 +73,7 @@ impl CaClient {
                 xds::bearer(token).ok_or(CaClientError::Token)?,
             );
         }
+        request.set_timeout(Duration::from_secs(10));
         let mut client = IstioCertificateServiceClient::new(self.channel.clone());
         let chain = client
             .create_certificate(request)

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod authz_manifest;
 pub mod ca_client;
+pub mod control_plane;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
+use crate::control_plane::ControlPlane;
 use crate::drain::Drain;
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -30,8 +30,7 @@ const INVALID_ARGUMENT: i32 = 3;
 /// Where the controller is and who we are.
 #[derive(Clone, Debug)]
 pub struct XdsConfig {
-    /// `http://host:port` (15010).
-    pub address: String,
+    pub controller: ControlPlane,
     /// `Node.id`, as the controller's proxy-status shows it.
     pub node_id: String,
     /// Bearer token sent with every call, if any.
@@ -43,9 +42,9 @@ pub struct XdsConfig {
 }
 
 impl XdsConfig {
-    pub fn new(address: impl Into<String>, node_id: impl Into<String>, types: &[&str]) -> Self {
+    pub fn new(controller: ControlPlane, node_id: impl Into<String>, types: &[&str]) -> Self {
         XdsConfig {
-            address: address.into(),
+            controller,
             node_id: node_id.into(),
             token: None,
             types: types.iter().map(|t| (*t).to_owned()).collect(),
@@ -88,13 +87,6 @@ impl XdsStatus {
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("connecting to {address}: {source}")]
-    Connect {
-        address: String,
-        source: tonic::transport::Error,
-    },
-    #[error("invalid controller address {0:?}")]
-    Address(String),
     #[error("the token is not a valid header value")]
     Token,
     #[error("stream: {0}")]
@@ -142,7 +134,7 @@ impl<H: Handler> XdsClient<H> {
             };
             let wait = jitter(backoff);
             warn!(
-                controller = %self.cfg.address,
+                controller = %self.cfg.controller.address(),
                 retry_in_ms = wait.as_millis() as u64,
                 "xDS stream lost, keeping the last good config: {reason}"
             );
@@ -159,9 +151,8 @@ impl<H: Handler> XdsClient<H> {
     }
 
     async fn stream_once(&self) -> Result<(), StreamError> {
-        let channel = connect(&self.cfg.address).await?;
-        let mut client =
-            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+        let mut client = AggregatedDiscoveryServiceClient::new(self.cfg.controller.channel())
+            .max_decoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(16);
         let held = self.status.borrow().versions.clone();
         for type_url in &self.cfg.types {
@@ -187,7 +178,7 @@ impl<H: Handler> XdsClient<H> {
             .delta_aggregated_resources(request)
             .await?
             .into_inner();
-        info!(controller = %self.cfg.address, node = %self.cfg.node_id, "xDS stream open");
+        info!(controller = %self.cfg.controller.address(), node = %self.cfg.node_id, "xDS stream open");
         self.status.send_modify(|s| {
             s.connected = true;
             s.connects += 1;
@@ -254,29 +245,6 @@ impl<H: Handler> XdsClient<H> {
 /// `authorization` metadata for a bearer token; `None` if the token cannot be a header.
 pub fn bearer(token: &str) -> Option<tonic::metadata::AsciiMetadataValue> {
     format!("Bearer {token}").parse().ok()
-}
-
-/// A lazily connecting channel to the controller (plaintext gRPC).
-pub fn endpoint(address: &str) -> Option<Endpoint> {
-    Some(
-        Endpoint::from_shared(address.to_owned())
-            .ok()?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10)),
-    )
-}
-
-async fn connect(address: &str) -> Result<Channel, StreamError> {
-    endpoint(address)
-        .ok_or_else(|| StreamError::Address(address.to_owned()))?
-        .connect()
-        .await
-        .map_err(|source| StreamError::Connect {
-            address: address.to_owned(),
-            source,
-        })
 }
 
 /// `base` scaled by a random factor in [0.5, 1.5), so proxies do not reconnect in step.

@@ -18,6 +18,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use mesh_core::ca_client::CaClient;
+use mesh_core::control_plane::ControlPlane;
 use mesh_core::proto::type_url;
 use mesh_core::xds::{XdsClient, XdsConfig, XdsStatus};
 use tokio::sync::{mpsc, watch};
@@ -83,9 +84,16 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         Source::Local {
             ca_cert, ca_key, ..
         } => Issuer::Local(Box::new(load_ca(ca_cert, ca_key)?)),
-        Source::Controller { address, token, .. } => {
-            Issuer::Remote(CaClient::new(address, token.clone(), true)?)
-        }
+        Source::Controller {
+            address,
+            root_cert,
+            token,
+            ..
+        } => Issuer::Remote(CaClient::new(
+            &control_plane(address, root_cert.as_deref())?,
+            token.clone(),
+            true,
+        )),
     };
     let (trigger, drain) = drain::new();
     let proxy = Arc::new(Proxy {
@@ -126,10 +134,12 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         }
         Source::Controller {
             address,
+            root_cert,
             token,
             initial_sync_timeout,
         } => {
-            let status = start_xds(&proxy, &address, token, updates.clone());
+            let controller = control_plane(&address, root_cert.as_deref())?;
+            let status = start_xds(&proxy, controller, token, updates.clone());
             readiness.block("xds");
             let synced = wait_synced(status.clone(), applied.clone(), updates.sent.clone());
             if tokio::time::timeout(initial_sync_timeout, synced)
@@ -166,15 +176,28 @@ fn load_ca(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Cert
 }
 
 /// Starts the delta ADS client; converted configs go to `updates`.
+fn control_plane(
+    address: &str,
+    root_cert: Option<&std::path::Path>,
+) -> anyhow::Result<ControlPlane> {
+    let root = match root_cert {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    Ok(ControlPlane::new(address, root.as_deref(), None)?)
+}
+
 fn start_xds(
     proxy: &Arc<Proxy>,
-    address: &str,
+    controller: ControlPlane,
     token: Option<String>,
     updates: Updates,
 ) -> watch::Receiver<XdsStatus> {
     let node_id = format!("ztunnel~{}~{}", proxy.cfg.listen_ip, proxy.cfg.node);
     let mut cfg = XdsConfig::new(
-        address,
+        controller,
         node_id,
         &[type_url::ADDRESS, type_url::AUTHORIZATION],
     );

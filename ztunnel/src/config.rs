@@ -46,8 +46,10 @@ pub enum Source {
     /// The controller: delta ADS for config, CreateCertificate for certificates.
     #[serde(rename_all = "camelCase")]
     Controller {
-        /// `http://host:15010`
+        /// `http://host:15010`, or `https://host:15012` with `root_cert`.
         address: String,
+        /// The mesh root (PEM file) that signed the controller's serving certificate.
+        root_cert: Option<PathBuf>,
         /// Bearer token; never shown in dumps.
         #[serde(skip)]
         token: Option<String>,
@@ -94,6 +96,7 @@ impl Config {
             node,
             Source::Controller {
                 address: address.to_owned(),
+                root_cert: None,
                 token,
                 initial_sync_timeout: Duration::from_secs(10),
             },

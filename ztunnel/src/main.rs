@@ -17,6 +17,10 @@ struct Args {
     /// The controller's gRPC address (delta ADS and CA), e.g. http://127.0.0.1:15010.
     #[arg(long, conflicts_with_all = ["config", "ca_cert", "ca_key"])]
     xds_address: Option<String>,
+    /// The mesh root certificate (PEM) to verify the controller with, for an https://
+    /// address (15012).
+    #[arg(long, requires = "xds_address")]
+    xds_root_cert: Option<PathBuf>,
     /// File holding this ztunnel's bearer token for the controller.
     #[arg(long, requires = "xds_address")]
     token_file: Option<PathBuf>,
@@ -71,7 +75,11 @@ fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            Config::with_controller(&args.node, &address, token)
+            let mut cfg = Config::with_controller(&args.node, &address, token);
+            if let ztunnel::config::Source::Controller { root_cert, .. } = &mut cfg.source {
+                *root_cert = args.xds_root_cert;
+            }
+            cfg
         }
         (None, Some(config), Some(ca_cert), Some(ca_key)) => {
             Config::new(&args.node, config, ca_cert, ca_key)

@@ -20,13 +20,13 @@ use tracing::{info, warn};
 use crate::ca::{Authenticator, CaMetrics, CaService, Placement, TokenFile, TokenReviewer};
 use crate::castore::{self, CaOrigin};
 use crate::kube_source::{self, SourceMetrics, Update};
-use mesh_core::tls::CertificateAuthority;
-use tokio::sync::mpsc;
 use crate::objects::{self, Objects};
 use crate::translate;
 use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use mesh_core::proto::type_url;
+use mesh_core::tls::CertificateAuthority;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 /// Where the objects, the proxies' identities and the root CA come from.
@@ -34,12 +34,15 @@ use tokio::sync::watch;
 pub enum Source {
     /// Local mode: the manifests, followed for changes; the proxies' bearer tokens (see
     /// `ca::TokenFile`); the root in `state_dir`.
-    Dir { config_dir: PathBuf, tokens: PathBuf },
+    Dir {
+        config_dir: PathBuf,
+        tokens: PathBuf,
+    },
     /// Kubernetes mode: objects watched on the API server, tokens checked with
     /// TokenReview, the root in a Secret of `system_namespace` (which also holds the node
     /// proxies' service account, `ztunnel`).
     Kubernetes {
-        client: kube::Config,
+        client: Box<kube::Config>,
         system_namespace: String,
     },
 }
@@ -69,7 +72,7 @@ impl Config {
     /// Kubernetes mode, the mesh in `system_namespace` (`istio-system` as a rule).
     pub fn kubernetes(client: kube::Config, system_namespace: &str) -> Self {
         let source = Source::Kubernetes {
-            client,
+            client: Box::new(client),
             system_namespace: system_namespace.to_owned(),
         };
         Self::with_source(source, PathBuf::from("controller-state"))
@@ -178,7 +181,7 @@ async fn open(cfg: &Config, registry: &mut Registry) -> anyhow::Result<Opened> {
             client,
             system_namespace,
         } => {
-            let client = kube::Client::try_from(client.clone())
+            let client = kube::Client::try_from(kube::Config::clone(client))
                 .context("building the Kubernetes client")?;
             let (ca, ca_origin) = castore::load_or_create_secret(
                 plugin,

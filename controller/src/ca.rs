@@ -219,9 +219,9 @@ impl Authenticator for TokenReviewer {
             .create(&kube::api::PostParams::default(), &review)
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let status = answer
-            .status
-            .ok_or_else(|| AuthError::Unavailable("the TokenReview came back without a status".into()))?;
+        let status = answer.status.ok_or_else(|| {
+            AuthError::Unavailable("the TokenReview came back without a status".into())
+        })?;
         self.caller(status)
     }
 }

@@ -146,17 +146,20 @@ pub async fn load_or_create_secret(
         source,
     };
     let api: kube::Api<Secret> = kube::Api::namespaced(client, namespace);
-    if let Some(found) = api.get_opt(CA_SECRET).await.map_err(|e| kube_err("reading", e))? {
+    if let Some(found) = api
+        .get_opt(CA_SECRET)
+        .await
+        .map_err(|e| kube_err("reading", e))?
+    {
         let ca = ca_from_secret(&found, &secret)?;
         info!(%secret, "loaded the mesh root CA");
         return Ok((ca, CaOrigin::SecretLoaded(secret)));
     }
-    let ca = CertificateAuthority::generate(trust_domain).map_err(|source| {
-        CaStoreError::SecretCa {
+    let ca =
+        CertificateAuthority::generate(trust_domain).map_err(|source| CaStoreError::SecretCa {
             secret: secret.clone(),
             source,
-        }
-    })?;
+        })?;
     let data = [(SECRET_CERT, ca.root_pem()), (SECRET_KEY, ca.key_pem())]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
@@ -177,7 +180,10 @@ pub async fn load_or_create_secret(
             Ok((ca, CaOrigin::SecretCreated(secret)))
         }
         Err(kube::Error::Api(status)) if status.is_already_exists() || status.is_conflict() => {
-            let found = api.get(CA_SECRET).await.map_err(|e| kube_err("reading", e))?;
+            let found = api
+                .get(CA_SECRET)
+                .await
+                .map_err(|e| kube_err("reading", e))?;
             let ca = ca_from_secret(&found, &secret)?;
             info!(%secret, "another replica created the mesh root CA first; using it");
             Ok((ca, CaOrigin::SecretLoaded(secret)))

@@ -29,7 +29,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument as _};
 
 use crate::objects::{ObjectError, Objects};
 
@@ -163,7 +163,7 @@ pub struct Update {
 pub fn spawn(client: Client, trust_domain: &str, metrics: SourceMetrics) -> mpsc::Receiver<Update> {
     let (tx, rx) = mpsc::channel(1);
     let source = Source::new(kinds(), trust_domain, metrics);
-    tokio::spawn(source.run(client, tx));
+    tokio::spawn(source.run(client, tx).in_current_span());
     rx
 }
 
@@ -218,6 +218,10 @@ impl Source {
                 }
             };
             tokio::select! {
+                () = tx.closed() => {
+                    debug!("model receiver gone; the Kubernetes source stops");
+                    return;
+                }
                 next = events.next() => {
                     let Some((i, event)) = next else { return };
                     if self.handle(i, event) && publish_at.is_none() {
@@ -358,7 +362,10 @@ fn document(kind: &Kind, obj: &DynamicObject) -> Result<serde_yaml::Value, Strin
     let Some(map) = json.as_object_mut() else {
         return Err("not a JSON object".into());
     };
-    map.insert("apiVersion".into(), kind.resource.api_version.clone().into());
+    map.insert(
+        "apiVersion".into(),
+        kind.resource.api_version.clone().into(),
+    );
     map.insert("kind".into(), kind.resource.kind.clone().into());
     serde_yaml::to_value(json).map_err(|e| format!("unreadable object: {e}"))
 }

@@ -14,7 +14,11 @@ use controller::app::{self, Config};
 #[command(name = "controller", about = "The mesh's control plane")]
 struct Args {
     /// Directory of manifests (Namespace, Pod, Service, ... as for kubectl), followed live.
-    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     config_dir: Option<PathBuf>,
     /// Watch the API server instead (in-cluster, or the KUBECONFIG / ~/.kube/config context).
     #[arg(long)]
@@ -29,7 +33,11 @@ struct Args {
     #[arg(long)]
     ca_plugin_dir: Option<PathBuf>,
     /// Local mode: bearer tokens of the proxies (YAML list of {token, identity, node}).
-    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     tokens: Option<PathBuf>,
     #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,

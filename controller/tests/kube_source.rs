@@ -217,10 +217,13 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         let bytes = req.into_body().collect().await.unwrap().to_bytes();
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
     };
-    let reply = if method == Method::GET && query.get("watch").map(String::as_str) == Some("true")
-    {
+    let reply = if method == Method::GET && query.get("watch").map(String::as_str) == Some("true") {
         let version = query.get("resourceVersion").cloned().unwrap_or_default();
-        state.log.lock().unwrap().push(format!("WATCH {path}@{version}"));
+        state
+            .log
+            .lock()
+            .unwrap()
+            .push(format!("WATCH {path}@{version}"));
         let key = (path, version);
         loop {
             let waiting = state.changed.notified();
@@ -231,10 +234,16 @@ async fn answer(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
     } else if path == "/apis/authentication.k8s.io/v1/tokenreviews" && method == Method::POST {
         state.log.lock().unwrap().push(format!("POST {path}"));
-        let token = body["spec"]["token"].as_str().unwrap_or_default().to_owned();
+        let token = body["spec"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         state.review_bodies.lock().unwrap().push(body);
         let reviews = state.reviews.lock().unwrap();
-        reviews.get(&token).cloned().unwrap_or_else(|| Reply::ok("tokenreview-refused.json"))
+        reviews
+            .get(&token)
+            .cloned()
+            .unwrap_or_else(|| Reply::ok("tokenreview-refused.json"))
     } else if path.starts_with("/api/v1/namespaces/") && path.contains("/secrets") {
         state.log.lock().unwrap().push(format!("{method} {path}"));
         secret(&state, &method, &path, body)
@@ -387,12 +396,20 @@ async fn watch_events_bookmarks_and_a_relist_after_410() {
 
     // 410 Gone: the version expired. The re-list replaces the state: echo-3, deleted
     // during the gap, goes; echo-4, created during it, comes.
-    let lists_before = server.log().iter().filter(|l| **l == format!("LIST {PODS}")).count();
+    let lists_before = server
+        .log()
+        .iter()
+        .filter(|l| **l == format!("LIST {PODS}"))
+        .count();
     server.list(PODS, Reply::ok("pods-relist.json"));
     server.watch(PODS, "150", "pods-watch-150.jsonl");
     let update = until_pods(&mut rx, &[("echo-1", "10.0.1.50"), ("echo-4", "10.0.2.9")]).await;
     assert!(update.rejected.is_empty(), "{:?}", update.rejected);
-    let lists_after = server.log().iter().filter(|l| **l == format!("LIST {PODS}")).count();
+    let lists_after = server
+        .log()
+        .iter()
+        .filter(|l| **l == format!("LIST {PODS}"))
+        .count();
     assert_eq!(lists_after, lists_before + 1, "{:#?}", server.log());
     server.until_logged(&format!("WATCH {PODS}@200")).await;
     // The other kinds were untouched by the pods' re-list.
@@ -493,7 +510,11 @@ async fn ask(
     });
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let chain = client.create_certificate(req).await?.into_inner().cert_chain;
+    let chain = client
+        .create_certificate(req)
+        .await?
+        .into_inner()
+        .cert_chain;
     let leaf = pem::certs(&chain[0]).unwrap();
     Ok((
         identity_of(&leaf[0]).unwrap(),
@@ -531,10 +552,15 @@ async fn kubernetes_mode_end_to_end() {
     let echo = Identity::new("cluster.local", "default", "echo").unwrap();
     let (got, root) = ask(app.grpc, "ztunnel-token", &echo, true).await.unwrap();
     assert_eq!(got, echo);
-    assert_eq!(ask(app.grpc, "echo-token", &echo, false).await.unwrap().0, echo);
+    assert_eq!(
+        ask(app.grpc, "echo-token", &echo, false).await.unwrap().0,
+        echo
+    );
     let err = ask(app.grpc, "echo-token", &echo, true).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-    let err = ask(app.grpc, "unknown-token", &echo, false).await.unwrap_err();
+    let err = ask(app.grpc, "unknown-token", &echo, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     let err = ask(app.grpc, "boom", &echo, false).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
@@ -544,8 +570,11 @@ async fn kubernetes_mode_end_to_end() {
     server.until_logged(&format!("WATCH {PODS}@100")).await;
     server.watch(PODS, "100", "pods-watch-100.jsonl");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pods(&app.objects.load()).get("echo-3").is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "echo-3 never served");
+    while !pods(&app.objects.load()).contains_key("echo-3") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "echo-3 never served"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     {

@@ -522,6 +522,17 @@ async fn ask(
     ))
 }
 
+async fn metrics_text(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 async fn start_app(server: &ApiServer) -> app::App {
     let mut cfg = Config::kubernetes(server.kube_config(), "istio-system");
     cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
@@ -565,6 +576,15 @@ async fn kubernetes_mode_end_to_end() {
     let err = ask(app.grpc, "boom", &echo, false).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.message().contains("token review failed"), "{err}");
+
+    let metrics = metrics_text(app.metrics).await;
+    for line in [
+        r#"mesh_config_objects_rejected_total{kind="Pod"} 1"#,
+        r#"mesh_ca_requests_refused_total{reason="auth_unavailable"} 1"#,
+        r#"mesh_ca_requests_refused_total{reason="unauthenticated"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
 
     // A watch event reaches the served model.
     server.until_logged(&format!("WATCH {PODS}@100")).await;

@@ -1,5 +1,6 @@
-//! Wiring: builds a controller from a `Config` (local mode: a directory of manifests),
-//! serves the CA and delta ADS over gRPC and its metrics, and follows the directory. `main` parses flags
+//! Wiring: builds a controller from a `Config` (local mode: a directory of manifests;
+//! Kubernetes mode: the API server), serves the CA and delta ADS over gRPC and its
+//! metrics, and follows the source. `main` parses flags
 //! and calls [`build`]; tests call it with port 0.
 
 use std::net::SocketAddr;
@@ -16,25 +17,43 @@ use mesh_core::Identity;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-use crate::ca::{CaMetrics, CaService, Placement, TokenFile};
+use crate::ca::{Authenticator, CaMetrics, CaService, Placement, TokenFile, TokenReviewer};
 use crate::castore::{self, CaOrigin};
+use crate::kube_source::{self, SourceMetrics, Update};
 use crate::objects::{self, Objects};
 use crate::translate;
 use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use mesh_core::proto::type_url;
+use mesh_core::tls::CertificateAuthority;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
+
+/// Where the objects, the proxies' identities and the root CA come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Local mode: the manifests, followed for changes; the proxies' bearer tokens (see
+    /// `ca::TokenFile`); the root in `state_dir`.
+    Dir {
+        config_dir: PathBuf,
+        tokens: PathBuf,
+    },
+    /// Kubernetes mode: objects watched on the API server, tokens checked with
+    /// TokenReview, the root in a Secret of `system_namespace` (which also holds the node
+    /// proxies' service account, `ztunnel`).
+    Kubernetes {
+        client: Box<kube::Config>,
+        system_namespace: String,
+    },
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Local mode: the manifests, followed for changes.
-    pub config_dir: PathBuf,
-    /// Where the controller keeps its own root CA.
+    pub source: Source,
+    /// Where the controller keeps its own root CA (local mode).
     pub state_dir: PathBuf,
     /// An operator's CA in the plug-in layout, used instead of our own root.
     pub ca_plugin_dir: Option<PathBuf>,
-    /// Local mode's bearer tokens (see `ca::TokenFile`).
-    pub tokens: PathBuf,
     pub trust_domain: String,
     /// gRPC (CA and delta ADS), plaintext: 15010.
     pub grpc_addr: SocketAddr,
@@ -45,12 +64,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// Local mode.
     pub fn new(config_dir: PathBuf, state_dir: PathBuf, tokens: PathBuf) -> Self {
+        Self::with_source(Source::Dir { config_dir, tokens }, state_dir)
+    }
+
+    /// Kubernetes mode, the mesh in `system_namespace` (`istio-system` as a rule).
+    pub fn kubernetes(client: kube::Config, system_namespace: &str) -> Self {
+        let source = Source::Kubernetes {
+            client: Box::new(client),
+            system_namespace: system_namespace.to_owned(),
+        };
+        Self::with_source(source, PathBuf::from("controller-state"))
+    }
+
+    fn with_source(source: Source, state_dir: PathBuf) -> Self {
         Config {
-            config_dir,
+            source,
             state_dir,
             ca_plugin_dir: None,
-            tokens,
             trust_domain: mesh_core::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
@@ -121,22 +153,79 @@ pub struct App {
     trigger: DrainTrigger,
 }
 
+/// What a source gives the controller at start.
+struct Opened {
+    ca: CertificateAuthority,
+    ca_origin: CaOrigin,
+    auth: Arc<dyn Authenticator>,
+    model: Objects,
+    /// Kubernetes mode: the models that follow the first.
+    updates: Option<mpsc::Receiver<Update>>,
+}
+
+async fn open(cfg: &Config, registry: &mut Registry) -> anyhow::Result<Opened> {
+    let plugin = cfg.ca_plugin_dir.as_deref();
+    match &cfg.source {
+        Source::Dir { config_dir, tokens } => {
+            let (ca, ca_origin) =
+                castore::load_or_create(plugin, &cfg.state_dir, &cfg.trust_domain)?;
+            Ok(Opened {
+                ca,
+                ca_origin,
+                auth: Arc::new(TokenFile::load(tokens)?),
+                model: load(config_dir, &cfg.trust_domain)?,
+                updates: None,
+            })
+        }
+        Source::Kubernetes {
+            client,
+            system_namespace,
+        } => {
+            let client = kube::Client::try_from(kube::Config::clone(client))
+                .context("building the Kubernetes client")?;
+            let (ca, ca_origin) = castore::load_or_create_secret(
+                plugin,
+                client.clone(),
+                system_namespace,
+                &cfg.trust_domain,
+            )
+            .await?;
+            let auth = TokenReviewer::new(client.clone(), &cfg.trust_domain, system_namespace);
+            let metrics = SourceMetrics::new(registry);
+            let mut updates = kube_source::spawn(client, &cfg.trust_domain, metrics);
+            info!("waiting for the first list of every kind from the API server");
+            let first = updates
+                .recv()
+                .await
+                .context("the Kubernetes source stopped before its first model")?;
+            Ok(Opened {
+                ca,
+                ca_origin,
+                auth: Arc::new(auth),
+                model: first.objects,
+                updates: Some(updates),
+            })
+        }
+    }
+}
+
 pub async fn build(cfg: Config) -> anyhow::Result<App> {
-    let (ca, ca_origin) = castore::load_or_create(
-        cfg.ca_plugin_dir.as_deref(),
-        &cfg.state_dir,
-        &cfg.trust_domain,
-    )?;
-    let tokens = TokenFile::load(&cfg.tokens)?;
-    let objects = Arc::new(LiveObjects::new(load(&cfg)?));
     let mut registry = Registry::default();
+    let Opened {
+        ca,
+        ca_origin,
+        auth,
+        model,
+        updates,
+    } = open(&cfg, &mut registry).await?;
+    let objects = Arc::new(LiveObjects::new(model));
     let ca_metrics = CaMetrics::new(&mut registry);
     let xds = XdsServer::new(objects.xds.subscribe(), XdsMetrics::new(&mut registry));
     let (trigger, drain) = drain::new();
 
     let service = CaService::new(
         Arc::new(ca),
-        Arc::new(tokens),
+        auth,
         objects.clone(),
         cfg.max_cert_lifetime,
         ca_metrics,
@@ -157,7 +246,12 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     });
     let routes = Routes::new().route("/metrics", admin::metrics_route(Arc::new(registry)));
     let metrics = admin::spawn_server("metrics", cfg.metrics_addr, routes, drain.clone())?;
-    tokio::spawn(follow_dir(cfg.clone(), objects.clone(), drain));
+    if let Some(updates) = updates {
+        tokio::spawn(follow_kube(updates, objects.clone(), drain));
+    } else if let Source::Dir { config_dir, .. } = &cfg.source {
+        let dir = config_dir.clone();
+        tokio::spawn(follow_dir(dir, cfg.clone(), objects.clone(), drain));
+    }
     info!(%grpc, %metrics, ca = ?ca_origin, "controller ready");
     Ok(App {
         grpc,
@@ -175,9 +269,9 @@ impl App {
     }
 }
 
-fn load(cfg: &Config) -> anyhow::Result<Objects> {
-    let (objects, errors) = objects::load_dir(&cfg.config_dir, &cfg.trust_domain)
-        .with_context(|| format!("reading {}", cfg.config_dir.display()))?;
+fn load(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<Objects> {
+    let (objects, errors) = objects::load_dir(dir, trust_domain)
+        .with_context(|| format!("reading {}", dir.display()))?;
     for e in &errors {
         warn!("object skipped: {e}");
     }
@@ -186,20 +280,20 @@ fn load(cfg: &Config) -> anyhow::Result<Objects> {
 
 /// Reloads the model whenever a file below the directory changes (by name, size or
 /// modification time). A directory that cannot be read keeps the last good model.
-async fn follow_dir(cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
-    let mut seen = fingerprint(&cfg.config_dir);
+async fn follow_dir(dir: PathBuf, cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
+    let mut seen = fingerprint(&dir);
     let mut tick = tokio::time::interval(cfg.config_poll);
     loop {
         tokio::select! {
             _ = drain.signaled() => return,
             _ = tick.tick() => {}
         }
-        let now = fingerprint(&cfg.config_dir);
+        let now = fingerprint(&dir);
         if now == seen {
             continue;
         }
         seen = now;
-        match load(&cfg) {
+        match load(&dir, &cfg.trust_domain) {
             Ok(model) => {
                 info!(
                     pods = model.pods.len(),
@@ -209,6 +303,21 @@ async fn follow_dir(cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
             }
             Err(e) => warn!("config directory unreadable, keeping the last model: {e:#}"),
         }
+    }
+}
+
+/// Swaps in each model the Kubernetes source publishes.
+async fn follow_kube(mut updates: mpsc::Receiver<Update>, objects: Arc<LiveObjects>, drain: Drain) {
+    loop {
+        let update = tokio::select! {
+            _ = drain.signaled() => return,
+            u = updates.recv() => u,
+        };
+        let Some(update) = update else {
+            warn!("the Kubernetes source stopped; keeping the last model");
+            return;
+        };
+        objects.store(update.objects);
     }
 }
 

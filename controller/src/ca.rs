@@ -46,11 +46,18 @@ pub enum AuthError {
     Missing,
     #[error("unknown or invalid token")]
     Invalid,
+    /// The token was checked and refused, for this reason.
+    #[error("token refused: {0}")]
+    Refused(String),
+    /// The token could not be checked (the API server failed or is away).
+    #[error("token review failed: {0}")]
+    Unavailable(String),
 }
 
 /// Turns a bearer token into a caller: Kubernetes TokenReview, or a token file.
+#[tonic::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
-    fn authenticate(&self, token: &str) -> Result<Caller, AuthError>;
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError>;
 }
 
 /// Which node runs pods of an identity: the controller's view of scheduled pods.
@@ -119,9 +126,103 @@ impl TokenFile {
     }
 }
 
+#[tonic::async_trait]
 impl Authenticator for TokenFile {
-    fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
         self.callers.get(token).cloned().ok_or(AuthError::Invalid)
+    }
+}
+
+/// Kubernetes mode's authenticator: a TokenReview (authentication.k8s.io/v1) for the CA's
+/// audience. `system:serviceaccount:NS:SA` is the identity; the node proxies' service
+/// account gets the node its bound token names (the `authentication.kubernetes.io/node-name`
+/// extra), which lets it ask for the identities of pods on that node, as a token file's
+/// `node` does. Any other service account is a workload and gets its own identity only.
+pub struct TokenReviewer {
+    client: kube::Client,
+    trust_domain: String,
+    /// namespace/name of the node proxies' service account.
+    node_proxy: (String, String),
+}
+
+/// The audience the proxies' projected tokens are minted for.
+pub const CA_AUDIENCE: &str = "istio-ca";
+/// The user extra of a bound token that names the node of its pod.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+impl TokenReviewer {
+    /// `system_namespace`'s `ztunnel` service account is the node proxies'.
+    pub fn new(client: kube::Client, trust_domain: &str, system_namespace: &str) -> Self {
+        TokenReviewer {
+            client,
+            trust_domain: trust_domain.to_owned(),
+            node_proxy: (system_namespace.to_owned(), "ztunnel".to_owned()),
+        }
+    }
+
+    /// The caller a review's answer names, or why it is refused.
+    pub fn caller(
+        &self,
+        status: k8s_openapi::api::authentication::v1::TokenReviewStatus,
+    ) -> Result<Caller, AuthError> {
+        if status.authenticated != Some(true) {
+            let why = status.error.filter(|e| !e.is_empty());
+            return Err(AuthError::Refused(
+                why.unwrap_or_else(|| "not authenticated".into()),
+            ));
+        }
+        if !status.audiences.iter().flatten().any(|a| a == CA_AUDIENCE) {
+            return Err(AuthError::Refused(format!(
+                "not valid for the audience {CA_AUDIENCE}"
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some((ns, sa)) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(AuthError::Refused(format!(
+                "{username:?} is not a service account"
+            )));
+        };
+        let identity = Identity::new(&self.trust_domain, ns, sa)
+            .map_err(|e| AuthError::Refused(format!("{username}: {e}")))?;
+        let node = if (ns, sa) == (self.node_proxy.0.as_str(), self.node_proxy.1.as_str()) {
+            user.extra
+                .as_ref()
+                .and_then(|extra| extra.get(NODE_NAME_EXTRA))
+                .and_then(|nodes| nodes.first())
+                .filter(|n| !n.is_empty())
+                .cloned()
+        } else {
+            None
+        };
+        Ok(Caller { identity, node })
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for TokenReviewer {
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let review = TokenReview {
+            metadata: Default::default(),
+            spec: TokenReviewSpec {
+                audiences: Some(vec![CA_AUDIENCE.to_owned()]),
+                token: Some(token.to_owned()),
+            },
+            status: None,
+        };
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let answer = api
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let status = answer.status.ok_or_else(|| {
+            AuthError::Unavailable("the TokenReview came back without a status".into())
+        })?;
+        self.caller(status)
     }
 }
 
@@ -326,9 +427,14 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = bearer(&request)
-            .and_then(|t| self.auth.authenticate(t))
+        let token = bearer(&request)
             .map_err(|e| self.refuse("unauthenticated", Status::unauthenticated(e.to_string())))?;
+        let caller = self.auth.authenticate(token).await.map_err(|e| match e {
+            AuthError::Unavailable(_) => {
+                self.refuse("auth_unavailable", Status::unavailable(e.to_string()))
+            }
+            _ => self.refuse("unauthenticated", Status::unauthenticated(e.to_string())),
+        })?;
         let (identity, cert_chain) = self.sign(&caller, request.get_ref())?;
         self.metrics.signed.inc();
         info!(caller = %caller.identity, %identity, "certificate signed");

@@ -1,7 +1,9 @@
 //! Where the controller's certificate authority comes from: an operator's CA in Istio's
 //! plug-in layout (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem` in one
 //! folder) when given, else a root kept in the state folder, created on first start and
-//! loaded on every start after (key file 0600, folder 0700).
+//! loaded on every start after (key file 0600, folder 0700). In Kubernetes mode the root is
+//! kept in the Secret `istio-ca-secret` of the mesh's namespace instead
+//! ([`load_or_create_secret`]), so that every replica and restart signs with the same root.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write as _;
@@ -30,7 +32,16 @@ pub enum CaOrigin {
     Created(PathBuf),
     /// The root saved in this folder by an earlier start.
     Loaded(PathBuf),
+    /// A root created now and saved in this Secret (`namespace/name`).
+    SecretCreated(String),
+    /// The root kept in this Secret (`namespace/name`) by an earlier start or a replica.
+    SecretLoaded(String),
 }
+
+/// The Secret that keeps the root in Kubernetes mode, and its keys.
+pub const CA_SECRET: &str = "istio-ca-secret";
+pub const SECRET_CERT: &str = "ca-cert.pem";
+pub const SECRET_KEY: &str = "ca-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaStoreError {
@@ -49,6 +60,16 @@ pub enum CaStoreError {
     },
     #[error("CA in {dir}: {source}")]
     Ca { dir: PathBuf, source: CaError },
+    #[error("{action} Secret {secret}: {source}")]
+    Kube {
+        action: &'static str,
+        secret: String,
+        source: kube::Error,
+    },
+    #[error("Secret {secret} lacks {key}: restore it or delete the Secret")]
+    SecretIncomplete { secret: String, key: &'static str },
+    #[error("CA in Secret {secret}: {source}")]
+    SecretCa { secret: String, source: CaError },
 }
 
 /// The CA: from `plugin_dir` when it is given, else from (or newly into) `state_dir`.
@@ -101,6 +122,98 @@ pub fn load_or_create(
             missing: ROOT_CERT,
         }),
     }
+}
+
+/// Kubernetes mode's CA: from `plugin_dir` when it is given, else from the Secret
+/// [`CA_SECRET`] in `namespace`, created (with a new root) when absent. When another
+/// replica creates it first, its root is used.
+pub async fn load_or_create_secret(
+    plugin_dir: Option<&Path>,
+    client: kube::Client,
+    namespace: &str,
+    trust_domain: &str,
+) -> Result<(CertificateAuthority, CaOrigin), CaStoreError> {
+    use k8s_openapi::api::core::v1::Secret;
+    if let Some(dir) = plugin_dir {
+        let ca = load_plugin(dir)?;
+        info!(dir = %dir.display(), "using the operator's CA");
+        return Ok((ca, CaOrigin::Plugin(dir.to_owned())));
+    }
+    let secret = format!("{namespace}/{CA_SECRET}");
+    let kube_err = |action, source| CaStoreError::Kube {
+        action,
+        secret: secret.clone(),
+        source,
+    };
+    let api: kube::Api<Secret> = kube::Api::namespaced(client, namespace);
+    if let Some(found) = api
+        .get_opt(CA_SECRET)
+        .await
+        .map_err(|e| kube_err("reading", e))?
+    {
+        let ca = ca_from_secret(&found, &secret)?;
+        info!(%secret, "loaded the mesh root CA");
+        return Ok((ca, CaOrigin::SecretLoaded(secret)));
+    }
+    let ca =
+        CertificateAuthority::generate(trust_domain).map_err(|source| CaStoreError::SecretCa {
+            secret: secret.clone(),
+            source,
+        })?;
+    let data = [(SECRET_CERT, ca.root_pem()), (SECRET_KEY, ca.key_pem())]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
+        .collect();
+    let new = Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(CA_SECRET.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        type_: Some("istio.io/ca-root".to_owned()),
+        data: Some(data),
+        ..Default::default()
+    };
+    match api.create(&kube::api::PostParams::default(), &new).await {
+        Ok(_) => {
+            info!(%secret, "created the mesh root CA");
+            Ok((ca, CaOrigin::SecretCreated(secret)))
+        }
+        Err(kube::Error::Api(status)) if status.is_already_exists() || status.is_conflict() => {
+            let found = api
+                .get(CA_SECRET)
+                .await
+                .map_err(|e| kube_err("reading", e))?;
+            let ca = ca_from_secret(&found, &secret)?;
+            info!(%secret, "another replica created the mesh root CA first; using it");
+            Ok((ca, CaOrigin::SecretLoaded(secret)))
+        }
+        Err(e) => Err(kube_err("creating", e)),
+    }
+}
+
+fn ca_from_secret(
+    found: &k8s_openapi::api::core::v1::Secret,
+    secret: &str,
+) -> Result<CertificateAuthority, CaStoreError> {
+    let text = |key: &'static str| {
+        found
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .filter(|t| !t.trim().is_empty())
+            .ok_or_else(|| CaStoreError::SecretIncomplete {
+                secret: secret.to_owned(),
+                key,
+            })
+    };
+    CertificateAuthority::from_pem(&text(SECRET_CERT)?, &text(SECRET_KEY)?).map_err(|source| {
+        CaStoreError::SecretCa {
+            secret: secret.to_owned(),
+            source,
+        }
+    })
 }
 
 fn load_plugin(dir: &Path) -> Result<CertificateAuthority, CaStoreError> {

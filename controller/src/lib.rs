@@ -10,6 +10,7 @@
 pub mod app;
 pub mod ca;
 pub mod castore;
+pub mod kube_source;
 pub mod objects;
 pub mod translate;
 pub mod xds;

@@ -1,28 +1,44 @@
-//! `controller`: the mesh's control plane. Local mode only so far: manifests from a
-//! directory, the certificate authority on gRPC.
+//! `controller`: the mesh's control plane. Local mode reads manifests from a directory and
+//! proxies' tokens from a file; `--kubernetes` watches the API server, checks tokens with
+//! TokenReview and keeps the root CA in a Secret.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use controller::app::{self, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "controller", about = "The mesh's control plane (local mode)")]
+#[command(name = "controller", about = "The mesh's control plane")]
 struct Args {
     /// Directory of manifests (Namespace, Pod, Service, ... as for kubectl), followed live.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config_dir: Option<PathBuf>,
+    /// Watch the API server instead (in-cluster, or the KUBECONFIG / ~/.kube/config context).
     #[arg(long)]
-    config_dir: PathBuf,
-    /// Where the controller keeps its root CA (created on first start).
+    kubernetes: bool,
+    /// Kubernetes mode: the mesh's namespace (root CA Secret, ztunnel service account).
+    #[arg(long, default_value = "istio-system")]
+    system_namespace: String,
+    /// Where the controller keeps its root CA in local mode (created on first start).
     #[arg(long, default_value = "controller-state")]
     state_dir: PathBuf,
     /// An operator's CA: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
     #[arg(long)]
     ca_plugin_dir: Option<PathBuf>,
-    /// Bearer tokens of the proxies (YAML list of {token, identity, node}).
-    #[arg(long)]
-    tokens: PathBuf,
+    /// Local mode: bearer tokens of the proxies (YAML list of {token, identity, node}).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    tokens: Option<PathBuf>,
     #[arg(long, default_value = mesh_core::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     #[arg(long, default_value = "127.0.0.1:15010")]
@@ -38,7 +54,15 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     mesh_core::admin::init_logging();
     let args = Args::parse();
-    let mut cfg = Config::new(args.config_dir, args.state_dir, args.tokens);
+    let mut cfg = match (args.config_dir, args.tokens) {
+        (Some(dir), Some(tokens)) => Config::new(dir, args.state_dir, tokens),
+        _ => {
+            let client = kube::Config::infer()
+                .await
+                .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+            Config::kubernetes(client, &args.system_namespace)
+        }
+    };
     cfg.ca_plugin_dir = args.ca_plugin_dir;
     cfg.trust_domain = args.trust_domain;
     cfg.grpc_addr = args.grpc_addr;

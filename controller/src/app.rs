@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -69,7 +69,7 @@ pub struct LiveObjects {
 
 impl LiveObjects {
     fn new(model: Objects) -> Self {
-        let (xds, _) = watch::channel(Arc::new(snapshot(&model)));
+        let (xds, _) = watch::channel(Arc::new(snapshot(&model, Instant::now())));
         LiveObjects {
             model: ArcSwap::from_pointee(model),
             xds,
@@ -80,15 +80,16 @@ impl LiveObjects {
         self.model.load_full()
     }
 
-    fn store(&self, model: Objects) {
-        let snap = snapshot(&model);
+    /// Swaps in `model`, which changed at `changed` (when the change was seen).
+    fn store(&self, model: Objects, changed: Instant) {
+        let snap = snapshot(&model, changed);
         self.model.store(Arc::new(model));
         self.xds.send_replace(Arc::new(snap));
     }
 }
 
 /// The resources every proxy is served, from the model.
-fn snapshot(model: &Objects) -> Snapshot {
+fn snapshot(model: &Objects, changed: Instant) -> Snapshot {
     let addresses = translate::addresses(model)
         .into_iter()
         .map(|(name, address)| (name, Served::new(type_url::ADDRESS, &address)))
@@ -101,10 +102,13 @@ fn snapshot(model: &Objects) -> Snapshot {
         .into_iter()
         .map(|(name, a)| (name, Served::new(type_url::AUTHORIZATION, &a)))
         .collect();
-    Snapshot::from([
-        (type_url::ADDRESS.to_owned(), addresses),
-        (type_url::AUTHORIZATION.to_owned(), auths),
-    ])
+    Snapshot::new(
+        [
+            (type_url::ADDRESS.to_owned(), addresses),
+            (type_url::AUTHORIZATION.to_owned(), auths),
+        ],
+        changed,
+    )
 }
 
 impl Placement for LiveObjects {
@@ -198,14 +202,19 @@ async fn follow_dir(cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
         if now == seen {
             continue;
         }
+        let changed = Instant::now();
         seen = now;
         match load(&cfg) {
             Ok(model) => {
+                let pods = model.pods.len();
+                let loaded = changed.elapsed();
+                objects.store(model, changed);
                 info!(
-                    pods = model.pods.len(),
+                    pods,
+                    load_ms = loaded.as_millis() as u64,
+                    translate_ms = (changed.elapsed() - loaded).as_millis() as u64,
                     "config directory changed; model reloaded"
                 );
-                objects.store(model);
             }
             Err(e) => warn!("config directory unreadable, keeping the last model: {e:#}"),
         }

@@ -279,7 +279,10 @@ impl Controller {
             ]
             .map(str::to_owned)
             .to_vec(),
-            env: vec![("RUST_LOG".into(), "warn".into())],
+            env: vec![(
+                "RUST_LOG".into(),
+                std::env::var("MESH_BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
+            )],
             stdout: Stdout::File(stdout.clone()),
             stderr: dir.root.join("controller.stderr"),
             nofile: 65536,
@@ -636,3 +639,4 @@ mod tests {
         assert_eq!(pod_ip(0, 0), Ipv4Addr::new(10, 0, 0, 1));
     }
 }
+

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::ca::{CaMetrics, CaService, Placement, TokenFile};
 use crate::castore::{self, CaOrigin};
 use crate::objects::{self, Objects};
+use crate::serving::{self, ServingCert, ServingMetrics};
 use crate::translate;
 use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -38,6 +39,10 @@ pub struct Config {
     pub trust_domain: String,
     /// gRPC (CA and delta ADS), plaintext: 15010.
     pub grpc_addr: SocketAddr,
+    /// The same gRPC services over TLS: 15012.
+    pub grpc_tls_addr: SocketAddr,
+    /// SANs of the TLS serving certificate (the bind IP is added).
+    pub serving: ServingCert,
     /// Prometheus `/metrics`: 15014.
     pub metrics_addr: SocketAddr,
     pub max_cert_lifetime: Duration,
@@ -53,6 +58,12 @@ impl Config {
             tokens,
             trust_domain: mesh_core::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            grpc_tls_addr: SocketAddr::from(([127, 0, 0, 1], 15012)),
+            serving: ServingCert {
+                dns_names: vec![serving::DEFAULT_SERVING_DNS.to_owned()],
+                ips: Vec::new(),
+                lifetime: Duration::from_secs(24 * 3600),
+            },
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
             max_cert_lifetime: Duration::from_secs(48 * 3600),
             config_poll: Duration::from_millis(200),
@@ -119,6 +130,7 @@ impl Placement for LiveObjects {
 
 pub struct App {
     pub grpc: SocketAddr,
+    pub grpc_tls: SocketAddr,
     pub metrics: SocketAddr,
     pub ca_origin: CaOrigin,
     pub objects: Arc<LiveObjects>,
@@ -138,38 +150,65 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     let xds = XdsServer::new(objects.xds.subscribe(), XdsMetrics::new(&mut registry));
     let (trigger, drain) = drain::new();
 
+    let ca = Arc::new(ca);
     let service = CaService::new(
-        Arc::new(ca),
+        ca.clone(),
         Arc::new(tokens),
         objects.clone(),
         cfg.max_cert_lifetime,
         ca_metrics,
     );
+    let ca_server = IstioCertificateServiceServer::new(service);
+    let ads_server = AggregatedDiscoveryServiceServer::new(xds);
     let incoming = tonic::transport::server::TcpIncoming::bind(cfg.grpc_addr)
         .map_err(|e| anyhow::anyhow!("binding gRPC on {}: {e}", cfg.grpc_addr))?;
     let grpc = incoming.local_addr()?;
-    let stop = drain.clone();
-    tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(IstioCertificateServiceServer::new(service))
-            .add_service(AggregatedDiscoveryServiceServer::new(xds))
-            .serve_with_incoming_shutdown(incoming, async move { stop.signaled().await })
-            .await;
-        if let Err(e) = served {
-            warn!("gRPC server stopped: {e}");
-        }
-    });
+    let tls = serving::listen(
+        cfg.grpc_tls_addr,
+        ca,
+        cfg.serving.clone(),
+        ServingMetrics::new(&mut registry),
+        drain.clone(),
+    )
+    .await?;
+    let grpc_tls = tls.addr;
+    for (name, incoming) in [
+        ("plaintext", Incoming::Tcp(incoming)),
+        ("TLS", Incoming::Tls(tls.connections)),
+    ] {
+        let stop = drain.clone();
+        let router = tonic::transport::Server::builder()
+            .add_service(ca_server.clone())
+            .add_service(ads_server.clone());
+        tokio::spawn(async move {
+            let shutdown = async move { stop.signaled().await };
+            let served = match incoming {
+                Incoming::Tcp(i) => router.serve_with_incoming_shutdown(i, shutdown).await,
+                Incoming::Tls(i) => router.serve_with_incoming_shutdown(i, shutdown).await,
+            };
+            if let Err(e) = served {
+                warn!("{name} gRPC server stopped: {e}");
+            }
+        });
+    }
     let routes = Routes::new().route("/metrics", admin::metrics_route(Arc::new(registry)));
     let metrics = admin::spawn_server("metrics", cfg.metrics_addr, routes, drain.clone())?;
     tokio::spawn(follow_dir(cfg.clone(), objects.clone(), drain));
-    info!(%grpc, %metrics, ca = ?ca_origin, "controller ready");
+    info!(%grpc, %grpc_tls, %metrics, ca = ?ca_origin, "controller ready");
     Ok(App {
         grpc,
+        grpc_tls,
         metrics,
         ca_origin,
         objects,
         trigger,
     })
+}
+
+/// The two ways gRPC arrives: plaintext (15010) and TLS (15012).
+enum Incoming {
+    Tcp(tonic::transport::server::TcpIncoming),
+    Tls(tokio_stream::wrappers::ReceiverStream<std::io::Result<serving::TlsConn>>),
 }
 
 impl App {

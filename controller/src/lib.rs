@@ -11,5 +11,6 @@ pub mod app;
 pub mod ca;
 pub mod castore;
 pub mod objects;
+pub mod serving;
 pub mod translate;
 pub mod xds;

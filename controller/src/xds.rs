@@ -201,8 +201,11 @@ impl Delta {
 /// the same step (the usual case: all proxies were in sync before a change).
 #[derive(Default)]
 struct Deltas {
-    recent: Mutex<VecDeque<(Arc<Resources>, Arc<Resources>, Arc<Delta>)>>,
+    recent: Mutex<VecDeque<Step>>,
 }
+
+/// From, to, and what changed between them.
+type Step = (Arc<Resources>, Arc<Resources>, Arc<Delta>);
 
 /// Steps kept: a few per type, so streams a change or two behind still share.
 const DELTAS_KEPT: usize = 8;
@@ -270,7 +273,10 @@ impl Held {
             return;
         }
         let mut map = match self {
-            Held::Sent(r) => r.iter().map(|(n, s)| (n.clone(), s.version.clone())).collect(),
+            Held::Sent(r) => r
+                .iter()
+                .map(|(n, s)| (n.clone(), s.version.clone()))
+                .collect(),
             Held::Stated(m) => std::mem::take(m),
         };
         for name in names {
@@ -351,7 +357,11 @@ impl Stream_ {
             return true;
         }
         sub.answered = true;
-        let nonce = self.shared.nonces.fetch_add(1, Ordering::Relaxed).to_string();
+        let nonce = self
+            .shared
+            .nonces
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
         debug!(node = %self.node, type_url, changed = delta.resources.len(), removed = delta.removed.len(), %nonce, "push");
         self.metrics.pushes.inc();
         let resp = DeltaDiscoveryResponse {

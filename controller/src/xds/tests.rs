@@ -32,7 +32,10 @@ fn snapshot(items: &[(&str, &str)]) -> Arc<Snapshot> {
     for (uid, node) in items {
         by_name.insert((*uid).to_owned(), workload(uid, node));
     }
-    Arc::new(Snapshot::new([(ADDRESS.to_owned(), by_name)], Instant::now()))
+    Arc::new(Snapshot::new(
+        [(ADDRESS.to_owned(), by_name)],
+        Instant::now(),
+    ))
 }
 
 struct Client {

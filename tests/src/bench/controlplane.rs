@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use mesh_core::proto::envoy::config::core::v3::Node;
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use mesh_core::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest,
-};
+use mesh_core::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_core::proto::type_url::{ADDRESS, AUTHORIZATION};
 use prost::Message as _;
 use serde::Serialize;
@@ -91,10 +89,10 @@ impl Plan {
             changes: pick(a.changes, 30, 10),
             poll: Duration::from_millis(a.config_poll_ms),
         };
-        if plan.pods_per_service == 0 || plan.pods % plan.pods_per_service != 0 {
+        if plan.pods_per_service == 0 || !plan.pods.is_multiple_of(plan.pods_per_service) {
             bail!("--pods must be a multiple of --pods-per-service");
         }
-        if plan.services() % plan.namespaces != 0 {
+        if plan.namespaces == 0 || !plan.services().is_multiple_of(plan.namespaces) {
             bail!(
                 "{} services cannot be spread evenly over {} namespaces",
                 plan.services(),
@@ -241,6 +239,7 @@ pub async fn serve_controller(args: ControllerArgs) -> anyhow::Result<()> {
     mesh_core::admin::init_logging();
     let mut cfg = controller::app::Config::new(args.config_dir, args.state_dir, args.tokens);
     cfg.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.grpc_tls_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.metrics_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.config_poll = Duration::from_millis(args.config_poll_ms);
     let app = controller::app::build(cfg).await?;
@@ -311,10 +310,7 @@ impl Controller {
 
     fn rss_mib(&self) -> anyhow::Result<(f64, f64)> {
         let pid = self.child.pid();
-        Ok((
-            kib_to_mib(vm_rss_kib(pid)?),
-            kib_to_mib(vm_hwm_kib(pid)?),
-        ))
+        Ok((kib_to_mib(vm_rss_kib(pid)?), kib_to_mib(vm_hwm_kib(pid)?)))
     }
 }
 
@@ -362,8 +358,8 @@ async fn run_client(
     expected: Expected,
     events: &mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
-    let mut grpc = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(256 << 20);
+    let mut grpc =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(16);
     let node = Node {
         id: format!(
@@ -465,8 +461,14 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut channels = Vec::new();
     for _ in 0..plan.clients {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", controller.grpc))?;
-        channels.push(endpoint.connect().await.context("connecting to the controller")?);
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", controller.grpc))?;
+        channels.push(
+            endpoint
+                .connect()
+                .await
+                .context("connecting to the controller")?,
+        );
     }
     for (id, channel) in channels.into_iter().enumerate() {
         tokio::spawn(client(id, channel, plan.expected(), events_tx.clone()));
@@ -582,9 +584,15 @@ async fn push_histogram(metrics: SocketAddr) -> anyhow::Result<String> {
 fn render(s: &Summary, server_push: &str) -> String {
     let mut t = Table::new(["controlplane", "value"]);
     let f = |v: f64| fixed(Some(v), 1);
-    t.row(["pods / services".into(), format!("{} / {}", s.pods, s.services)]);
+    t.row([
+        "pods / services".into(),
+        format!("{} / {}", s.pods, s.services),
+    ]);
     t.row(["clients (delta ADS)".into(), s.clients.to_string()]);
-    t.row(["config files / poll".into(), format!("{} / {} ms", s.config_files, s.config_poll_ms)]);
+    t.row([
+        "config files / poll".into(),
+        format!("{} / {} ms", s.config_files, s.config_poll_ms),
+    ]);
     t.row(["initial sync p50 (ms)".into(), f(s.sync_p50_ms)]);
     t.row(["initial sync max (ms)".into(), f(s.sync_10k_ms)]);
     t.row(["pod change -> all ACKed p50 (ms)".into(), f(s.push_p50_ms)]);
@@ -622,14 +630,23 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(objects.pods.len(), 200);
         assert_eq!(objects.services.len(), 20);
-        assert_eq!(controller::translate::addresses(&objects).len(), plan.expected().0);
-        assert_eq!(controller::translate::authorizations(&objects).0.len(), plan.expected().1);
+        assert_eq!(
+            controller::translate::addresses(&objects).len(),
+            plan.expected().0
+        );
+        assert_eq!(
+            controller::translate::authorizations(&objects).0.len(),
+            plan.expected().1
+        );
         let name = dir.change_pod(57).unwrap();
         let (after, _) = controller::objects::load_dir(&dir.config(), "cluster.local").unwrap();
         let before = controller::translate::addresses(&objects);
         let now = controller::translate::addresses(&after);
         assert_ne!(before[&name], now[&name], "{name} changed");
-        let changed = before.iter().filter(|(k, v)| now.get(*k) != Some(v)).count();
+        let changed = before
+            .iter()
+            .filter(|(k, v)| now.get(*k) != Some(v))
+            .count();
         assert_eq!(changed, 1);
     }
 
@@ -639,4 +656,3 @@ mod tests {
         assert_eq!(pod_ip(0, 0), Ipv4Addr::new(10, 0, 0, 1));
     }
 }
-

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -21,6 +21,7 @@ use crate::ca::{Authenticator, CaMetrics, CaService, Placement, TokenFile, Token
 use crate::castore::{self, CaOrigin};
 use crate::kube_source::{self, SourceMetrics, Update};
 use crate::objects::{self, Objects};
+use crate::serving::{self, ServingCert, ServingMetrics};
 use crate::translate;
 use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -57,6 +58,10 @@ pub struct Config {
     pub trust_domain: String,
     /// gRPC (CA and delta ADS), plaintext: 15010.
     pub grpc_addr: SocketAddr,
+    /// The same gRPC services over TLS: 15012.
+    pub grpc_tls_addr: SocketAddr,
+    /// SANs of the TLS serving certificate (the bind IP is added).
+    pub serving: ServingCert,
     /// Prometheus `/metrics`: 15014.
     pub metrics_addr: SocketAddr,
     pub max_cert_lifetime: Duration,
@@ -85,6 +90,12 @@ impl Config {
             ca_plugin_dir: None,
             trust_domain: mesh_core::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            grpc_tls_addr: SocketAddr::from(([127, 0, 0, 1], 15012)),
+            serving: ServingCert {
+                dns_names: vec![serving::DEFAULT_SERVING_DNS.to_owned()],
+                ips: Vec::new(),
+                lifetime: Duration::from_secs(24 * 3600),
+            },
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
             max_cert_lifetime: Duration::from_secs(48 * 3600),
             config_poll: Duration::from_millis(200),
@@ -101,7 +112,7 @@ pub struct LiveObjects {
 
 impl LiveObjects {
     fn new(model: Objects) -> Self {
-        let (xds, _) = watch::channel(Arc::new(snapshot(&model)));
+        let (xds, _) = watch::channel(Arc::new(snapshot(&model, Instant::now())));
         LiveObjects {
             model: ArcSwap::from_pointee(model),
             xds,
@@ -112,15 +123,16 @@ impl LiveObjects {
         self.model.load_full()
     }
 
-    fn store(&self, model: Objects) {
-        let snap = snapshot(&model);
+    /// Swaps in `model`, which changed at `changed` (when the change was seen).
+    fn store(&self, model: Objects, changed: Instant) {
+        let snap = snapshot(&model, changed);
         self.model.store(Arc::new(model));
         self.xds.send_replace(Arc::new(snap));
     }
 }
 
 /// The resources every proxy is served, from the model.
-fn snapshot(model: &Objects) -> Snapshot {
+fn snapshot(model: &Objects, changed: Instant) -> Snapshot {
     let addresses = translate::addresses(model)
         .into_iter()
         .map(|(name, address)| (name, Served::new(type_url::ADDRESS, &address)))
@@ -133,10 +145,13 @@ fn snapshot(model: &Objects) -> Snapshot {
         .into_iter()
         .map(|(name, a)| (name, Served::new(type_url::AUTHORIZATION, &a)))
         .collect();
-    Snapshot::from([
-        (type_url::ADDRESS.to_owned(), addresses),
-        (type_url::AUTHORIZATION.to_owned(), auths),
-    ])
+    Snapshot::new(
+        [
+            (type_url::ADDRESS.to_owned(), addresses),
+            (type_url::AUTHORIZATION.to_owned(), auths),
+        ],
+        changed,
+    )
 }
 
 impl Placement for LiveObjects {
@@ -147,6 +162,7 @@ impl Placement for LiveObjects {
 
 pub struct App {
     pub grpc: SocketAddr,
+    pub grpc_tls: SocketAddr,
     pub metrics: SocketAddr,
     pub ca_origin: CaOrigin,
     pub objects: Arc<LiveObjects>,
@@ -223,27 +239,47 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     let xds = XdsServer::new(objects.xds.subscribe(), XdsMetrics::new(&mut registry));
     let (trigger, drain) = drain::new();
 
+    let ca = Arc::new(ca);
     let service = CaService::new(
-        Arc::new(ca),
+        ca.clone(),
         auth,
         objects.clone(),
         cfg.max_cert_lifetime,
         ca_metrics,
     );
+    let ca_server = IstioCertificateServiceServer::new(service);
+    let ads_server = AggregatedDiscoveryServiceServer::new(xds);
     let incoming = tonic::transport::server::TcpIncoming::bind(cfg.grpc_addr)
         .map_err(|e| anyhow::anyhow!("binding gRPC on {}: {e}", cfg.grpc_addr))?;
     let grpc = incoming.local_addr()?;
-    let stop = drain.clone();
-    tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(IstioCertificateServiceServer::new(service))
-            .add_service(AggregatedDiscoveryServiceServer::new(xds))
-            .serve_with_incoming_shutdown(incoming, async move { stop.signaled().await })
-            .await;
-        if let Err(e) = served {
-            warn!("gRPC server stopped: {e}");
-        }
-    });
+    let tls = serving::listen(
+        cfg.grpc_tls_addr,
+        ca,
+        cfg.serving.clone(),
+        ServingMetrics::new(&mut registry),
+        drain.clone(),
+    )
+    .await?;
+    let grpc_tls = tls.addr;
+    for (name, incoming) in [
+        ("plaintext", Incoming::Tcp(incoming)),
+        ("TLS", Incoming::Tls(tls.connections)),
+    ] {
+        let stop = drain.clone();
+        let router = tonic::transport::Server::builder()
+            .add_service(ca_server.clone())
+            .add_service(ads_server.clone());
+        tokio::spawn(async move {
+            let shutdown = async move { stop.signaled().await };
+            let served = match incoming {
+                Incoming::Tcp(i) => router.serve_with_incoming_shutdown(i, shutdown).await,
+                Incoming::Tls(i) => router.serve_with_incoming_shutdown(i, shutdown).await,
+            };
+            if let Err(e) = served {
+                warn!("{name} gRPC server stopped: {e}");
+            }
+        });
+    }
     let routes = Routes::new().route("/metrics", admin::metrics_route(Arc::new(registry)));
     let metrics = admin::spawn_server("metrics", cfg.metrics_addr, routes, drain.clone())?;
     if let Some(updates) = updates {
@@ -252,14 +288,21 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         let dir = config_dir.clone();
         tokio::spawn(follow_dir(dir, cfg.clone(), objects.clone(), drain));
     }
-    info!(%grpc, %metrics, ca = ?ca_origin, "controller ready");
+    info!(%grpc, %grpc_tls, %metrics, ca = ?ca_origin, "controller ready");
     Ok(App {
         grpc,
+        grpc_tls,
         metrics,
         ca_origin,
         objects,
         trigger,
     })
+}
+
+/// The two ways gRPC arrives: plaintext (15010) and TLS (15012).
+enum Incoming {
+    Tcp(tonic::transport::server::TcpIncoming),
+    Tls(tokio_stream::wrappers::ReceiverStream<std::io::Result<serving::TlsConn>>),
 }
 
 impl App {
@@ -292,14 +335,19 @@ async fn follow_dir(dir: PathBuf, cfg: Config, objects: Arc<LiveObjects>, drain:
         if now == seen {
             continue;
         }
+        let changed = Instant::now();
         seen = now;
         match load(&dir, &cfg.trust_domain) {
             Ok(model) => {
+                let pods = model.pods.len();
+                let loaded = changed.elapsed();
+                objects.store(model, changed);
                 info!(
-                    pods = model.pods.len(),
+                    pods,
+                    load_ms = loaded.as_millis() as u64,
+                    translate_ms = (changed.elapsed() - loaded).as_millis() as u64,
                     "config directory changed; model reloaded"
                 );
-                objects.store(model);
             }
             Err(e) => warn!("config directory unreadable, keeping the last model: {e:#}"),
         }
@@ -317,7 +365,7 @@ async fn follow_kube(mut updates: mpsc::Receiver<Update>, objects: Arc<LiveObjec
             warn!("the Kubernetes source stopped; keeping the last model");
             return;
         };
-        objects.store(update.objects);
+        objects.store(update.objects, Instant::now());
     }
 }
 

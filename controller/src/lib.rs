@@ -12,5 +12,6 @@ pub mod ca;
 pub mod castore;
 pub mod kube_source;
 pub mod objects;
+pub mod serving;
 pub mod translate;
 pub mod xds;

@@ -43,8 +43,23 @@ struct Args {
     trust_domain: String,
     #[arg(long, default_value = "127.0.0.1:15010")]
     grpc_addr: SocketAddr,
+    /// The same gRPC services over TLS, with a certificate from the mesh CA.
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    grpc_tls_addr: SocketAddr,
+    /// DNS SANs of the TLS serving certificate (repeat the flag for several).
+    #[arg(long, default_value = controller::serving::DEFAULT_SERVING_DNS)]
+    serving_dns: Vec<String>,
+    /// IP SANs of the TLS serving certificate besides the bind IP (repeatable).
+    #[arg(long)]
+    serving_ip: Vec<std::net::IpAddr>,
+    /// Serving certificate lifetime, in seconds (renewed at half of it).
+    #[arg(long, default_value_t = 24 * 3600)]
+    serving_cert_lifetime_secs: u64,
     #[arg(long, default_value = "127.0.0.1:15014")]
     metrics_addr: SocketAddr,
+    /// How often the config directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    config_poll_ms: u64,
     /// Longest certificate lifetime granted, in seconds.
     #[arg(long, default_value_t = 48 * 3600)]
     max_cert_lifetime_secs: u64,
@@ -66,7 +81,12 @@ async fn main() -> anyhow::Result<()> {
     cfg.ca_plugin_dir = args.ca_plugin_dir;
     cfg.trust_domain = args.trust_domain;
     cfg.grpc_addr = args.grpc_addr;
+    cfg.grpc_tls_addr = args.grpc_tls_addr;
+    cfg.serving.dns_names = args.serving_dns;
+    cfg.serving.ips = args.serving_ip;
+    cfg.serving.lifetime = Duration::from_secs(args.serving_cert_lifetime_secs);
     cfg.metrics_addr = args.metrics_addr;
+    cfg.config_poll = Duration::from_millis(args.config_poll_ms);
     cfg.max_cert_lifetime = Duration::from_secs(args.max_cert_lifetime_secs);
     let app = app::build(cfg).await?;
     tokio::signal::ctrl_c().await?;

@@ -5,10 +5,11 @@
 //! changes again: the proxy keeps what it had. A reconnecting proxy states the versions it
 //! holds (`initial_resource_versions`) and receives only the difference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use mesh_core::proto::envoy::service::discovery::v3::{
@@ -16,6 +17,7 @@ use mesh_core::proto::envoy::service::discovery::v3::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,8 +32,31 @@ pub struct Served {
     pub resource: prost_types::Any,
 }
 
-/// Everything served, by type URL then resource name.
-pub type Snapshot = BTreeMap<String, BTreeMap<String, Served>>;
+/// The resources of one type, by name.
+pub type Resources = BTreeMap<String, Served>;
+
+/// Everything served, by type URL, and when the model it came from changed. Each type's
+/// resources are shared (never copied) by every stream that was sent them.
+#[derive(Debug)]
+pub struct Snapshot {
+    types: BTreeMap<String, Arc<Resources>>,
+    changed: Instant,
+}
+
+impl Snapshot {
+    /// `changed`: when the model change this snapshot carries was seen, for
+    /// `mesh_xds_push_seconds`.
+    pub fn new(types: impl IntoIterator<Item = (String, Resources)>, changed: Instant) -> Self {
+        Snapshot {
+            types: types.into_iter().map(|(t, r)| (t, Arc::new(r))).collect(),
+            changed,
+        }
+    }
+
+    pub fn resources(&self, type_url: &str) -> Option<&Arc<Resources>> {
+        self.types.get(type_url)
+    }
+}
 
 impl Served {
     /// Wraps `message`; the version is derived from its bytes, so equal content keeps its
@@ -44,6 +69,15 @@ impl Served {
                 type_url: type_url.to_owned(),
                 value,
             },
+        }
+    }
+
+    fn to_resource(&self, name: &str) -> Resource {
+        Resource {
+            name: name.to_owned(),
+            version: self.version.clone(),
+            resource: Some(self.resource.clone()),
+            ..Default::default()
         }
     }
 }
@@ -63,6 +97,7 @@ pub struct XdsMetrics {
     connected: Gauge,
     pushes: Counter,
     nacks: Counter,
+    push_time: Histogram,
 }
 
 impl XdsMetrics {
@@ -71,6 +106,7 @@ impl XdsMetrics {
             connected: Gauge::default(),
             pushes: Counter::default(),
             nacks: Counter::default(),
+            push_time: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
         registry.register("pilot_xds", "Connected xDS clients", m.connected.clone());
         registry.register("pilot_xds_pushes", "Responses sent", m.pushes.clone());
@@ -78,6 +114,11 @@ impl XdsMetrics {
             "mesh_xds_nacks",
             "Responses a proxy rejected",
             m.nacks.clone(),
+        );
+        registry.register(
+            "mesh_xds_push_seconds",
+            "From a model change to its response handed to the proxy's stream",
+            m.push_time.clone(),
         );
         m
     }
@@ -91,10 +132,116 @@ impl XdsMetrics {
     }
 }
 
+/// What changed between two versions of one type's resources.
+#[derive(Debug, Default)]
+struct Delta {
+    resources: Vec<Resource>,
+    removed: Vec<String>,
+}
+
+impl Delta {
+    fn is_empty(&self) -> bool {
+        self.resources.is_empty() && self.removed.is_empty()
+    }
+
+    /// Merge walk of two sorted maps.
+    fn between(from: &Resources, to: &Resources) -> Delta {
+        let mut delta = Delta::default();
+        let (mut old, mut new) = (from.iter().peekable(), to.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => return delta,
+                (Some((name, _)), None) => {
+                    delta.removed.push((*name).clone());
+                    old.next();
+                }
+                (None, Some((name, s))) => {
+                    delta.resources.push(s.to_resource(name));
+                    new.next();
+                }
+                (Some((o, os)), Some((n, ns))) => match o.cmp(n) {
+                    std::cmp::Ordering::Less => {
+                        delta.removed.push((*o).clone());
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        delta.resources.push(ns.to_resource(n));
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if os.version != ns.version {
+                            delta.resources.push(ns.to_resource(n));
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
+            }
+        }
+    }
+
+    /// Against versions a proxy stated rather than ones we sent.
+    fn from_stated(held: &BTreeMap<String, String>, to: &Resources) -> Delta {
+        Delta {
+            resources: to
+                .iter()
+                .filter(|(name, s)| held.get(*name) != Some(&s.version))
+                .map(|(name, s)| s.to_resource(name))
+                .collect(),
+            removed: held
+                .keys()
+                .filter(|name| !to.contains_key(*name))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Deltas between recent snapshots, computed once and shared by every stream that makes
+/// the same step (the usual case: all proxies were in sync before a change).
+#[derive(Default)]
+struct Deltas {
+    recent: Mutex<VecDeque<Step>>,
+}
+
+/// From, to, and what changed between them.
+type Step = (Arc<Resources>, Arc<Resources>, Arc<Delta>);
+
+/// Steps kept: a few per type, so streams a change or two behind still share.
+const DELTAS_KEPT: usize = 8;
+
+impl Deltas {
+    fn between(&self, from: &Arc<Resources>, to: &Arc<Resources>) -> Arc<Delta> {
+        // Held while computing, so concurrent streams wait for the one result.
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = recent
+            .iter()
+            .find(|(f, t, _)| Arc::ptr_eq(f, from) && Arc::ptr_eq(t, to));
+        if let Some((_, _, delta)) = hit {
+            return delta.clone();
+        }
+        let delta = Arc::new(Delta::between(from, to));
+        if recent.len() == DELTAS_KEPT {
+            recent.pop_front();
+        }
+        // The Arcs kept here also keep the pointers compared above from being reused.
+        recent.push_back((from.clone(), to.clone(), delta.clone()));
+        delta
+    }
+}
+
 pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: XdsMetrics,
-    nonces: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+/// What every stream of one server shares.
+struct Shared {
+    nonces: AtomicU64,
+    deltas: Deltas,
+    /// Where a new wildcard subscription starts, so its full push is computed once too.
+    empty: Arc<Resources>,
 }
 
 impl XdsServer {
@@ -102,25 +249,58 @@ impl XdsServer {
         XdsServer {
             snapshots,
             metrics,
-            nonces: Arc::new(AtomicU64::new(1)),
+            shared: Arc::new(Shared {
+                nonces: AtomicU64::new(1),
+                deltas: Deltas::default(),
+                empty: Arc::new(Resources::new()),
+            }),
         }
     }
 }
 
+/// The resource versions a proxy holds of one type.
+enum Held {
+    /// Exactly a snapshot's resources, which we sent (ACKed or NACKed: either way the
+    /// proxy is not sent them again until they change).
+    Sent(Arc<Resources>),
+    /// What the proxy stated on connecting, or what is left after unsubscribes.
+    Stated(BTreeMap<String, String>),
+}
+
+impl Held {
+    fn remove(&mut self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        let mut map = match self {
+            Held::Sent(r) => r
+                .iter()
+                .map(|(n, s)| (n.clone(), s.version.clone()))
+                .collect(),
+            Held::Stated(m) => std::mem::take(m),
+        };
+        for name in names {
+            map.remove(name);
+        }
+        *self = Held::Stated(map);
+    }
+}
+
 /// What one stream knows about one type.
-#[derive(Default)]
 struct Subscription {
-    /// Resource versions the proxy holds (or was just sent).
-    held: BTreeMap<String, String>,
+    held: Held,
     /// Answered once already (the first request always gets a response).
     answered: bool,
 }
 
+/// A response and, for pushes caused by a model change, when that change was seen.
+type Outgoing = (DeltaDiscoveryResponse, Option<Instant>);
+
 struct Stream_ {
     node: String,
     types: BTreeMap<String, Subscription>,
-    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    nonces: Arc<AtomicU64>,
+    out: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
     metrics: XdsMetrics,
 }
 
@@ -141,60 +321,57 @@ impl Stream_ {
                 return true;
             }
         }
-        let sub = self.types.entry(req.type_url.clone()).or_default();
-        if !sub.answered {
-            sub.held = req.initial_resource_versions.clone();
-        }
-        for name in &req.resource_names_unsubscribe {
-            sub.held.remove(name);
-        }
-        self.push(&req.type_url, snap)
+        let empty = &self.shared.empty;
+        let sub = self
+            .types
+            .entry(req.type_url.clone())
+            .or_insert_with(|| Subscription {
+                held: if req.initial_resource_versions.is_empty() {
+                    Held::Sent(empty.clone())
+                } else {
+                    Held::Stated(req.initial_resource_versions.clone())
+                },
+                answered: false,
+            });
+        sub.held.remove(&req.resource_names_unsubscribe);
+        self.push(&req.type_url, snap, None)
     }
 
-    /// Sends what `type_url` lacks; false when the proxy has gone.
-    fn push(&mut self, type_url: &str, snap: &Snapshot) -> bool {
+    /// Sends what `type_url` lacks; false when the proxy has gone. `changed`: when the
+    /// model change behind this push was seen.
+    fn push(&mut self, type_url: &str, snap: &Snapshot, changed: Option<Instant>) -> bool {
         let Some(sub) = self.types.get_mut(type_url) else {
             return true;
         };
-        let empty = BTreeMap::new();
-        let current = snap.get(type_url).unwrap_or(&empty);
-        let resources: Vec<Resource> = current
-            .iter()
-            .filter(|(name, s)| sub.held.get(*name) != Some(&s.version))
-            .map(|(name, s)| Resource {
-                name: name.clone(),
-                version: s.version.clone(),
-                resource: Some(s.resource.clone()),
-                ..Default::default()
-            })
-            .collect();
-        let removed: Vec<String> = sub
-            .held
-            .keys()
-            .filter(|name| !current.contains_key(*name))
-            .cloned()
-            .collect();
-        if resources.is_empty() && removed.is_empty() && sub.answered {
+        let current = snap
+            .resources(type_url)
+            .unwrap_or(&self.shared.empty)
+            .clone();
+        let delta = match &sub.held {
+            Held::Sent(prev) if Arc::ptr_eq(prev, &current) => Arc::new(Delta::default()),
+            Held::Sent(prev) => self.shared.deltas.between(prev, &current),
+            Held::Stated(held) => Arc::new(Delta::from_stated(held, &current)),
+        };
+        sub.held = Held::Sent(current);
+        if delta.is_empty() && sub.answered {
             return true;
         }
         sub.answered = true;
-        for r in &resources {
-            sub.held.insert(r.name.clone(), r.version.clone());
-        }
-        for name in &removed {
-            sub.held.remove(name);
-        }
-        let nonce = self.nonces.fetch_add(1, Ordering::Relaxed).to_string();
-        debug!(node = %self.node, type_url, changed = resources.len(), removed = removed.len(), %nonce, "push");
+        let nonce = self
+            .shared
+            .nonces
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        debug!(node = %self.node, type_url, changed = delta.resources.len(), removed = delta.removed.len(), %nonce, "push");
         self.metrics.pushes.inc();
         let resp = DeltaDiscoveryResponse {
             type_url: type_url.to_owned(),
-            resources,
-            removed_resources: removed,
+            resources: delta.resources.clone(),
+            removed_resources: delta.removed.clone(),
             nonce,
             ..Default::default()
         };
-        self.out.try_send(Ok(resp)).is_ok()
+        self.out.try_send((resp, changed)).is_ok()
     }
 }
 
@@ -216,7 +393,7 @@ impl AggregatedDiscoveryService for XdsServer {
             node: String::new(),
             types: BTreeMap::new(),
             out: tx,
-            nonces: self.nonces.clone(),
+            shared: self.shared.clone(),
             metrics: metrics.clone(),
         };
         metrics.connected.inc();
@@ -235,14 +412,21 @@ impl AggregatedDiscoveryService for XdsServer {
                         if changed.is_err() { break; }
                         let snap = snapshots.borrow_and_update().clone();
                         let types: Vec<String> = stream.types.keys().cloned().collect();
-                        if !types.iter().all(|t| stream.push(t, &snap)) { break; }
+                        if !types.iter().all(|t| stream.push(t, &snap, Some(snap.changed))) { break; }
                     }
                 }
             }
             info!(node = %stream.node, "xDS client disconnected");
             metrics.connected.dec();
         });
-        let out = ReceiverStream::new(rx);
+        // Timed when the transport takes the response to write it.
+        let push_time = self.metrics.push_time.clone();
+        let out = ReceiverStream::new(rx).map(move |(resp, changed)| {
+            if let Some(changed) = changed {
+                push_time.observe(changed.elapsed().as_secs_f64());
+            }
+            Ok(resp)
+        });
         Ok(Response::new(Box::pin(out) as ResponseStream))
     }
 }

@@ -52,6 +52,7 @@ fn dirs(name: &str) -> (PathBuf, PathBuf, PathBuf) {
 async fn start(config: &Path, state: &Path, tokens: &Path) -> app::App {
     let mut cfg = Config::new(config.to_owned(), state.to_owned(), tokens.to_owned());
     cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.grpc_tls_addr = "127.0.0.1:0".parse().unwrap();
     cfg.metrics_addr = "127.0.0.1:0".parse().unwrap();
     cfg.config_poll = Duration::from_millis(50);
     app::build(cfg).await.unwrap()

@@ -6,6 +6,7 @@
 //! not work (a proxy does not start, a connection fails, bytes come back wrong). Each
 //! subcommand lives in its own module (`l4`); the pieces they share are small modules here.
 
+pub mod controlplane;
 pub mod cpu_latency;
 pub mod l4;
 pub mod loopback;

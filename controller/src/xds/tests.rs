@@ -32,7 +32,10 @@ fn snapshot(items: &[(&str, &str)]) -> Arc<Snapshot> {
     for (uid, node) in items {
         by_name.insert((*uid).to_owned(), workload(uid, node));
     }
-    Arc::new(BTreeMap::from([(ADDRESS.to_owned(), by_name)]))
+    Arc::new(Snapshot::new(
+        [(ADDRESS.to_owned(), by_name)],
+        Instant::now(),
+    ))
 }
 
 struct Client {
@@ -161,7 +164,7 @@ async fn subscribe_ack_changes_removals_and_nack() {
 #[tokio::test]
 async fn reconnect_with_initial_versions_gets_only_the_difference() {
     let snap = snapshot(&[("a", "n1"), ("b", "n1"), ("c", "n2")]);
-    let version_a = snap[ADDRESS]["a"].version.clone();
+    let version_a = snap.resources(ADDRESS).unwrap()["a"].version.clone();
     let (addr, _push, _metrics) = serve(snap).await;
     let held = BTreeMap::from([
         ("a".to_owned(), version_a),
@@ -180,7 +183,9 @@ async fn reconnect_with_initial_versions_gets_only_the_difference() {
         .map(|r| (r.name.clone(), r.version.clone()))
         .chain([(
             "a".to_owned(),
-            snapshot(&[("a", "n1")])[ADDRESS]["a"].version.clone(),
+            snapshot(&[("a", "n1")]).resources(ADDRESS).unwrap()["a"]
+                .version
+                .clone(),
         )])
         .collect();
     let mut d = Client::connect(addr, all).await;

@@ -220,6 +220,43 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// A TLS serving certificate for the controller's own endpoints: DNS and IP SANs, no
+    /// SPIFFE identity, a fresh ECDSA P-256 key. Returns the chain (leaf first, root last)
+    /// and the key.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = Vec::new();
+        for name in dns_names {
+            let dns = name.clone().try_into().map_err(CaError::Sign)?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        for ip in ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + lifetime).into();
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Sign)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.above_leaf.iter().cloned());
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+}
+
 fn first_cert(pem_text: &str, what: &str) -> Result<CertificateDer<'static>, CaError> {
     pem::certs(pem_text)?
         .into_iter()

@@ -1,8 +1,9 @@
 //! mesh-bench: benchmarks of the mesh against direct connections on the same machine.
-//! `mesh-bench l4` runs two ztunnels on loopback; see `mesh_tests::bench`.
+//! `mesh-bench l4` runs two ztunnels on loopback; `mesh-bench controlplane` the controller
+//! with many delta-ADS clients; see `mesh_tests::bench`.
 
 use clap::{Parser, Subcommand};
-use mesh_tests::bench::{l4, relay};
+use mesh_tests::bench::{controlplane, l4, relay};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,6 +20,12 @@ enum Benchmark {
     /// TCP through two ztunnels (SOCKS5 + HBONE) against direct TCP: throughput, round-trip
     /// latency, connect latency and ztunnel memory. The last stdout line is JSON.
     L4(l4::L4Args),
+    /// The controller serving 10,000 pods to 100 delta-ADS clients: initial sync, pod
+    /// change to every ACK, memory, full push size. The last stdout line is JSON.
+    Controlplane(controlplane::ControlPlaneArgs),
+    /// The controller under test in `controlplane` (its own process, for its memory).
+    #[command(hide = true)]
+    ControlplaneController(controlplane::ControllerArgs),
     /// One plain TCP relay (the floor `l4` compares against): LISTEN=TARGET pairs.
     #[command(hide = true)]
     Relay {
@@ -36,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
     let bench = async {
         match cli.command {
             Benchmark::L4(args) => l4::run(args).await,
+            Benchmark::Controlplane(args) => controlplane::run(args).await,
+            Benchmark::ControlplaneController(args) => controlplane::serve_controller(args).await,
             Benchmark::Relay { maps, socks } => relay::serve(maps, socks).await,
         }
     };

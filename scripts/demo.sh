@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the mesh and runs `meshctl demo`: a two-node mesh on loopback, traffic through
-# it, and a table of what happened.
+# Builds the mesh and runs `meshctl demo`: the controller and a two-node mesh on loopback,
+# traffic through it, and tables of what happened.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -p ztunnel -p meshctl
+cargo build --release -p controller -p ztunnel -p meshctl
 exec target/release/meshctl demo "$@"

@@ -1,17 +1,22 @@
-//! `meshctl demo`: a two-node ambient mesh on loopback, exercised and explained.
+//! `meshctl demo`: a two-node ambient mesh on loopback, run by its controller, exercised
+//! and explained.
 //!
-//! Starts two real ztunnel processes on the example config, runs the workloads' echo
+//! Starts the real `controller` in local mode on the demo's Kubernetes manifests (with a
+//! fresh root CA and random ztunnel tokens), then two real ztunnel processes that take
+//! their config over delta ADS and their certificates from it. Runs the workloads' echo
 //! servers in-process, sends allowed, denied and plaintext traffic through node1's SOCKS5
-//! port, then prints what happened from the access logs and metrics. `--check` turns the
-//! expected outcomes into the exit code. It must not reimplement any proxy behaviour: the
-//! point is to watch the real ztunnel.
+//! port, then prints what happened from the access logs, the metrics and the control
+//! plane's own view. `--check` turns the expected outcomes into the exit code. It must
+//! not reimplement any proxy or controller behaviour: the point is to watch the real ones.
 
 mod access_log;
 mod admin;
 mod check;
 mod client;
+mod control_plane;
 mod mesh;
 mod metrics;
+mod node_state;
 mod report;
 mod topology;
 mod traffic;
@@ -20,20 +25,39 @@ mod workloads;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use mesh_core::tls::CertificateAuthority;
+use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
 
 use access_log::AccessLogs;
-use check::Check;
-use mesh::{Inputs, Mesh, Node, NODE1, NODE2};
+use check::{Check, ControlSeen, NodeSeen};
+use control_plane::ControlPlane;
+use mesh::{Mesh, Node, NODE1, NODE2};
 use topology::Topology;
 use workdir::WorkDir;
 use workloads::EchoServers;
 
-/// Embedded so the binary runs from anywhere; the ztunnels get a copy of exactly this.
-const EXAMPLE_CONFIG: &str = include_str!("../../examples/local-mesh.yaml");
+/// The demo's mesh, embedded so the binary runs from anywhere; the controller gets a copy
+/// of exactly these files.
+const MANIFESTS: [(&str, &str); 4] = [
+    (
+        "namespaces.yaml",
+        include_str!("../../examples/mesh/namespaces.yaml"),
+    ),
+    (
+        "workloads.yaml",
+        include_str!("../../examples/mesh/workloads.yaml"),
+    ),
+    (
+        "services.yaml",
+        include_str!("../../examples/mesh/services.yaml"),
+    ),
+    (
+        "policies.yaml",
+        include_str!("../../examples/mesh/policies.yaml"),
+    ),
+];
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// node1 runs the clients, node2 the servers.
 const NODES: [Node; 2] = [NODE1, NODE2];
@@ -46,22 +70,35 @@ pub struct DemoArgs {
     /// The ztunnel binary to run [default: `ztunnel` next to meshctl].
     #[arg(long, value_name = "PATH")]
     ztunnel: Option<PathBuf>,
+    /// The controller binary to run [default: `controller` next to meshctl].
+    #[arg(long, value_name = "PATH")]
+    controller: Option<PathBuf>,
     /// Also print the raw access-log lines both ztunnels wrote.
     #[arg(long)]
     logs: bool,
 }
 
+struct Binaries {
+    ztunnel: PathBuf,
+    controller: PathBuf,
+}
+
 /// Runs the demo; `Ok(false)` when `--check` found an expected outcome missing.
 pub async fn run(args: &DemoArgs) -> Result<bool> {
-    let binary = ztunnel_binary(args.ztunnel.as_deref())?;
-    let topology = Topology::parse(EXAMPLE_CONFIG)?;
+    let bins = Binaries {
+        ztunnel: sibling_binary("ztunnel", "--ztunnel", args.ztunnel.as_deref())?,
+        controller: sibling_binary("controller", "--controller", args.controller.as_deref())?,
+    };
     let work = WorkDir::create()?;
-    println!("meshctl demo: a two-node ambient mesh on loopback (examples/local-mesh.yaml)");
-    println!("  ztunnel binary: {}", binary.display());
-    // Dropping the demo future on Ctrl-C kills the ztunnels (kill_on_drop) and the echo
-    // servers; dropping `work` afterwards removes the directory.
+    println!(
+        "meshctl demo: a two-node ambient mesh on loopback, run by its controller (examples/mesh)"
+    );
+    println!("  controller binary: {}", bins.controller.display());
+    println!("  ztunnel binary: {}", bins.ztunnel.display());
+    // Dropping the demo future on Ctrl-C kills the controller and the ztunnels
+    // (kill_on_drop) and the echo servers; dropping `work` afterwards removes the directory.
     let result = tokio::select! {
-        r = demo(&binary, &work, &topology, args.logs) => r,
+        r = demo(&bins, &work, args.logs) => r,
         () = interrupted() => Err(anyhow!("interrupted by Ctrl-C")),
     };
     let dir = work.path().display().to_string();
@@ -77,61 +114,96 @@ async fn interrupted() {
     }
 }
 
-fn ztunnel_binary(flag: Option<&Path>) -> Result<PathBuf> {
-    let path = match flag {
+/// `flag`'s path, or the binary `name` in meshctl's own directory (as cargo builds them).
+fn sibling_binary(name: &str, flag: &str, given: Option<&Path>) -> Result<PathBuf> {
+    let path = match given {
         Some(path) => path.to_owned(),
         None => {
             let exe = std::env::current_exe().context("locate meshctl's own executable")?;
             let dir = exe
                 .parent()
                 .context("meshctl's executable has no directory")?;
-            dir.join("ztunnel")
+            dir.join(name)
         }
     };
     if !path.is_file() {
         bail!(
-            "no ztunnel binary at {}; build it with `cargo build --release -p ztunnel` \
-             or pass --ztunnel PATH",
+            "no {name} binary at {}; build it with `cargo build --release -p {name}` \
+             or pass {flag} PATH",
             path.display()
         );
     }
     Ok(path)
 }
 
-async fn demo(
-    binary: &Path,
-    work: &WorkDir,
-    topo: &Topology,
-    show_logs: bool,
-) -> Result<Vec<Check>> {
-    let inputs = write_inputs(work, topo)?;
+async fn demo(bins: &Binaries, work: &WorkDir, show_logs: bool) -> Result<Vec<Check>> {
+    let inputs = write_inputs(work)?;
+    let topo = Topology::load(&inputs.config_dir, DEFAULT_TRUST_DOMAIN)?;
     println!(
-        "  work dir {}: a fresh root CA for trust domain {}, the config, ztunnel stderr",
+        "  work dir {}: the manifests (mesh/), random ztunnel tokens, the controller's \
+         state (a fresh root CA for {}), stderr logs",
         work.path().display(),
         topo.trust_domain
     );
-    mesh::ensure_free(&NODES, &topo.mesh_ips())?;
-    let _servers = start_servers(topo).await?;
+    let controller_addrs = [control_plane::grpc_addr(), control_plane::metrics_addr()];
+    mesh::ensure_free(&NODES, &topo.mesh_ips(), &controller_addrs)?;
+    let _servers = start_servers(&topo).await?;
+    let mut cp = start_control_plane(&bins.controller, &inputs, work).await?;
     let logs = Arc::new(AccessLogs::new());
-    let mut mesh = Mesh::start(binary, &NODES, &inputs, work.path(), &logs)?;
+    let ztunnel_inputs = mesh::Inputs {
+        xds_address: format!("http://{}", control_plane::grpc_addr()),
+        tokens: inputs.node_tokens.clone(),
+    };
+    let mut mesh = match Mesh::start(&bins.ztunnel, &NODES, &ztunnel_inputs, work.path(), &logs) {
+        Ok(mesh) => mesh,
+        Err(e) => {
+            print_controller_diagnostics(&mut cp);
+            return Err(e);
+        }
+    };
     for node in NODES {
         let pid = mesh.pid(node.name).map_or("?".into(), |p| p.to_string());
-        let workloads = node_workloads(topo, node.name);
+        let workloads = node_workloads(&topo, node.name);
         println!(
             "  started ztunnel {} on {} (pid {pid}) for {workloads}",
             node.name, node.ip
         );
     }
-    let result = exercise(&mut mesh, topo, &logs).await;
+    let result = exercise(&mut mesh, &cp, &topo, &logs).await;
     if !result.as_ref().is_ok_and(|checks| all_passed(checks)) {
         print_diagnostics(&mut mesh, &logs);
+        print_controller_diagnostics(&mut cp);
         print_access_logs(&logs);
     } else if show_logs {
         print_access_logs(&logs);
     }
     mesh.stop().await;
-    println!("\nStopped both ztunnels.");
+    cp.stop().await;
+    println!("\nStopped both ztunnels and the controller.");
     result
+}
+
+async fn start_control_plane(
+    binary: &Path,
+    inputs: &control_plane::Inputs,
+    work: &WorkDir,
+) -> Result<ControlPlane> {
+    let mut cp = ControlPlane::spawn(binary, inputs, work.path())?;
+    let pid = cp.pid().map_or("?".into(), |p| p.to_string());
+    match cp.wait_serving(READY_TIMEOUT).await {
+        Ok(took) => println!(
+            "  started the controller (pid {pid}): xDS and CA on {}, metrics on {}, \
+             serving after {:.1}s",
+            control_plane::grpc_addr(),
+            control_plane::metrics_addr(),
+            took.as_secs_f64()
+        ),
+        Err(e) => {
+            print_controller_diagnostics(&mut cp);
+            return Err(e);
+        }
+    }
+    Ok(cp)
 }
 
 /// The destination workloads: echo servers on node2's workload IPs.
@@ -146,12 +218,18 @@ async fn start_servers(topo: &Topology) -> Result<EchoServers> {
     Ok(running)
 }
 
-fn write_inputs(work: &WorkDir, topo: &Topology) -> Result<Inputs> {
-    let ca = CertificateAuthority::generate(&topo.trust_domain).context("generate the demo CA")?;
-    Ok(Inputs {
-        ca_cert: work.write("ca.pem", ca.root_pem(), 0o644)?,
-        ca_key: work.write("ca-key.pem", ca.key_pem(), 0o600)?,
-        config: work.write("local-mesh.yaml", EXAMPLE_CONFIG, 0o644)?,
+/// The manifests (in `mesh/`), the tokens, and where the controller keeps its CA.
+fn write_inputs(work: &WorkDir) -> Result<control_plane::Inputs> {
+    let config_dir = work.mkdir("mesh")?;
+    for (name, text) in MANIFESTS {
+        work.write(&format!("mesh/{name}"), text, 0o644)?;
+    }
+    let (tokens, node_tokens) = control_plane::write_tokens(work, &NODES)?;
+    Ok(control_plane::Inputs {
+        config_dir,
+        state_dir: work.path().join("state"),
+        tokens,
+        node_tokens,
     })
 }
 
@@ -164,9 +242,17 @@ fn node_workloads(topo: &Topology, node: &str) -> String {
     names.join(", ")
 }
 
-async fn exercise(mesh: &mut Mesh, topo: &Topology, logs: &AccessLogs) -> Result<Vec<Check>> {
+async fn exercise(
+    mesh: &mut Mesh,
+    cp: &ControlPlane,
+    topo: &Topology,
+    logs: &AccessLogs,
+) -> Result<Vec<Check>> {
     let took = mesh.wait_ready(READY_TIMEOUT).await?;
-    println!("  both ztunnels ready after {:.1}s", took.as_secs_f64());
+    println!(
+        "  both ztunnels ready after {:.1}s (config synced from the controller over delta ADS)",
+        took.as_secs_f64()
+    );
 
     let plan = traffic::plan(topo)?;
     println!(
@@ -183,7 +269,9 @@ async fn exercise(mesh: &mut Mesh, topo: &Topology, logs: &AccessLogs) -> Result
         notes.iter().for_each(|n| println!("  {n}"));
     }
     let source_metrics = print_metrics().await;
-    let checks = check::evaluate(&conns, &traffic::backends(topo)?, &source_metrics);
+    let control = print_control_plane(cp, topo).await;
+    let backends = traffic::backends(topo)?;
+    let checks = check::evaluate(&conns, &backends, &source_metrics, &control);
     print_checks(&checks);
     Ok(checks)
 }
@@ -223,6 +311,45 @@ async fn print_metrics() -> Vec<metrics::Sample> {
     source
 }
 
+/// Prints what each ztunnel got from the controller and the controller's own counters;
+/// returns them for the checks.
+async fn print_control_plane(cp: &ControlPlane, topo: &Topology) -> ControlSeen {
+    let mut nodes = Vec::new();
+    for node in NODES {
+        nodes.push(NodeSeen {
+            name: node.name,
+            state: node_state::read(node.admin()).await,
+            identities: topo.identities_on(node.name),
+        });
+    }
+    let states: Vec<(&str, &node_state::NodeState)> =
+        nodes.iter().map(|n| (n.name, &n.state)).collect();
+    println!("\nControl plane, as each ztunnel reports it (admin /config_dump on port 15000):");
+    print!("{}", report::xds_status(&states));
+    println!("Certificates the ztunnels hold, issued by the controller's CA:");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    print!("{}", report::certificates(&states, &topo.trust_domain, now));
+    let addr = control_plane::metrics_addr();
+    let controller = match cp.metrics().await {
+        Ok(samples) => samples,
+        Err(e) => {
+            println!("  could not read the controller's metrics: {e:#}");
+            Vec::new()
+        }
+    };
+    println!("The controller's metrics (http://{addr}/metrics):");
+    for line in report::metric_lines(&controller, &control_plane::SHOWN) {
+        println!("  {line}");
+    }
+    ControlSeen {
+        nodes,
+        addresses: topo.address_count(),
+        controller,
+    }
+}
+
 fn print_checks(checks: &[Check]) {
     println!("\nExpected outcomes:");
     for c in checks {
@@ -238,6 +365,12 @@ fn all_passed(checks: &[Check]) -> bool {
 fn print_diagnostics(mesh: &mut Mesh, logs: &AccessLogs) {
     eprintln!("\nSomething went wrong; what the ztunnels said:");
     eprint!("{}", mesh.diagnostics(logs));
+}
+
+fn print_controller_diagnostics(cp: &mut ControlPlane) {
+    let mut out = String::new();
+    cp.describe(&mut out);
+    eprint!("{out}");
 }
 
 fn print_access_logs(logs: &AccessLogs) {
@@ -265,4 +398,30 @@ fn verdict(checks: &[Check], strict: bool) -> bool {
         failed.join("; ")
     );
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest added to examples/mesh but not embedded would be silently left out.
+    #[test]
+    fn embeds_every_manifest_of_examples_mesh() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh");
+        let mut on_disk: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+        on_disk.sort();
+        let mut embedded: Vec<(String, String)> = MANIFESTS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
+    }
 }

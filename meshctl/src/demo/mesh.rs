@@ -1,4 +1,5 @@
-//! The two ztunnel child processes of the demo: start, readiness, diagnostics, stop.
+//! The two ztunnel child processes of the demo, run against the controller: start,
+//! readiness, diagnostics, stop.
 //!
 //! Children are killed when dropped, so an error or Ctrl-C anywhere in the demo stops
 //! them. Their stdout (access logs) goes to [`AccessLogs`]; stderr to a file in the work
@@ -69,16 +70,19 @@ impl Node {
         self.addr(METRICS_PORT)
     }
 
+    pub fn admin(&self) -> SocketAddr {
+        self.addr(ADMIN_PORT)
+    }
+
     fn readiness(&self) -> SocketAddr {
         self.addr(READINESS_PORT)
     }
 }
 
-/// The files every ztunnel of the demo is started with.
+/// Where the ztunnels find the controller, and each node's bearer token file.
 pub struct Inputs {
-    pub config: PathBuf,
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+    pub xds_address: String,
+    pub tokens: Vec<(&'static str, PathBuf)>,
 }
 
 struct Ztunnel {
@@ -92,16 +96,18 @@ pub struct Mesh {
     ztunnels: Vec<Ztunnel>,
 }
 
-/// Fails, naming the address, if anything already listens where the demo's ztunnels will:
-/// their readiness port would answer for them and traffic would go to the wrong mesh.
-pub fn ensure_free(nodes: &[Node], workload_ips: &[IpAddr]) -> Result<()> {
+/// Fails, naming the address, if anything already listens where the demo's ztunnels (or
+/// `others`, the controller's ports) will: their readiness port would answer for them and
+/// traffic would go to the wrong mesh.
+pub fn ensure_free(nodes: &[Node], workload_ips: &[IpAddr], others: &[SocketAddr]) -> Result<()> {
     let node_addrs = nodes
         .iter()
         .flat_map(|n| NODE_PORTS.map(|port| n.addr(port)));
     let hbone_addrs = workload_ips
         .iter()
         .map(|ip| SocketAddr::new(*ip, HBONE_PORT));
-    for addr in node_addrs.chain(hbone_addrs) {
+    let all = node_addrs.chain(hbone_addrs).chain(others.iter().copied());
+    for addr in all {
         if let Err(e) = std::net::TcpListener::bind(addr) {
             bail!(
                 "cannot use {addr} ({e}): is another mesh (a ztunnel, the benchmark, \
@@ -172,15 +178,15 @@ impl Ztunnel {
         let stderr_path = work.join(format!("{}.stderr.log", node.name));
         let stderr = std::fs::File::create(&stderr_path)
             .with_context(|| format!("create {}", stderr_path.display()))?;
+        let token = inputs.tokens.iter().find(|(n, _)| *n == node.name);
+        let (_, token) = token.with_context(|| format!("no token for {}", node.name))?;
         let mut child = Command::new(binary)
             .arg("--node")
             .arg(node.name)
-            .arg("--config")
-            .arg(&inputs.config)
-            .arg("--ca-cert")
-            .arg(&inputs.ca_cert)
-            .arg("--ca-key")
-            .arg(&inputs.ca_key)
+            .arg("--xds-address")
+            .arg(&inputs.xds_address)
+            .arg("--token-file")
+            .arg(token)
             .arg("--listen-ip")
             .arg(node.ip.to_string())
             .env("NO_COLOR", "1")
@@ -250,7 +256,7 @@ impl Ztunnel {
     }
 }
 
-fn head_and_tail<S: AsRef<str>>(lines: &[S]) -> Vec<String> {
+pub fn head_and_tail<S: AsRef<str>>(lines: &[S]) -> Vec<String> {
     let text = |l: &S| l.as_ref().to_owned();
     if lines.len() <= STDERR_HEAD + STDERR_TAIL {
         return lines.iter().map(text).collect();
@@ -286,9 +292,14 @@ mod tests {
             ip: Ipv4Addr::new(127, 0, 0, 77),
         };
         let busy = std::net::TcpListener::bind(node.socks()).unwrap();
-        let err = ensure_free(&[node], &[]).unwrap_err().to_string();
+        let err = ensure_free(&[node], &[], &[]).unwrap_err().to_string();
         assert!(err.contains("127.0.0.77:15080"), "{err}");
+        let other = std::net::TcpListener::bind("127.0.0.78:0").unwrap();
+        let other_addr = other.local_addr().unwrap();
         drop(busy);
-        ensure_free(&[node], &[IpAddr::V4(node.ip)]).unwrap();
+        let err = ensure_free(&[node], &[], &[other_addr]).unwrap_err();
+        assert!(err.to_string().contains(&other_addr.to_string()), "{err}");
+        drop(other);
+        ensure_free(&[node], &[IpAddr::V4(node.ip)], &[other_addr]).unwrap();
     }
 }

@@ -1,12 +1,17 @@
 //! What the newcomer reads: the connection table (access logs of both ztunnels joined
-//! with what the client saw), notes on anything unusual, and the metrics summary.
+//! with what the client saw), notes on anything unusual, the metrics summary and the
+//! control plane as the ztunnels and the controller report it.
 //!
 //! Pure formatting: no I/O and no verdicts (those are in `check`).
 
 use mesh_core::socks5;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use super::access_log::Entry;
 use super::client::Outcome;
+use super::metrics::Sample;
+use super::node_state::{short_type, NodeState};
 use super::traffic::Connection;
 
 const HEADER: [&str; 10] = [
@@ -160,6 +165,94 @@ fn log_notes(c: &Connection) -> Vec<String> {
     notes
 }
 
+/// One row per node: its xDS client as its ztunnel reports it.
+pub fn xds_status(nodes: &[(&str, &NodeState)]) -> String {
+    let header = [
+        "NODE",
+        "XDS",
+        "SYNCED",
+        "HELD",
+        "ACKS/NACKS",
+        "STREAMS",
+        "LAST ERROR",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for (name, state) in nodes {
+        let mut row = vec![name.to_string()];
+        match (&state.error, &state.xds) {
+            (Some(e), _) => row.push(format!("unreadable: {e}")),
+            (None, None) => row.push("not on xDS".into()),
+            (None, Some(x)) => {
+                let types: Vec<&str> = x.synced.iter().map(|t| short_type(t)).collect();
+                let held = x.held.iter().map(|(t, n)| format!("{n} {}", short_type(t)));
+                row.extend([
+                    if x.connected {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
+                    .into(),
+                    types.join(", "),
+                    held.collect::<Vec<_>>().join(", "),
+                    format!("{}/{}", x.acks, x.nacks),
+                    x.connects.to_string(),
+                    x.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+        }
+        rows.push(row);
+    }
+    table(rows)
+}
+
+/// One row per certificate a ztunnel holds; `now` in Unix seconds.
+pub fn certificates(nodes: &[(&str, &NodeState)], trust_domain: &str, now: i64) -> String {
+    let header = ["NODE", "IDENTITY", "EXPIRES"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for (name, state) in nodes {
+        if state.certificates.is_empty() {
+            rows.push(vec![name.to_string(), "none".into()]);
+        }
+        for c in &state.certificates {
+            let id = short_identity(Some(&c.identity), trust_domain);
+            rows.push(vec![name.to_string(), id, expiry(c.not_after, now)]);
+        }
+    }
+    table(rows)
+}
+
+fn expiry(not_after: Option<i64>, now: i64) -> String {
+    let Some(t) = not_after else {
+        return "?".into();
+    };
+    let when = OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string());
+    let left = t - now;
+    if left <= 0 {
+        return format!("{when} (expired)");
+    }
+    format!("{when} (in {}h{:02}m)", left / 3600, left % 3600 / 60)
+}
+
+/// The samples named in `names`, in that order, as exposition lines.
+pub fn metric_lines(samples: &[Sample], names: &[&str]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for name in names {
+        for s in samples.iter().filter(|s| s.name == *name) {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            let labels = if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", labels.join(","))
+            };
+            lines.push(format!("{}{labels} {}", s.name, s.value));
+        }
+    }
+    lines
+}
+
 /// Left-aligned columns two spaces apart.
 pub fn table(rows: Vec<Vec<String>>) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -195,6 +288,7 @@ mod tests {
             attempt: Attempt {
                 from: "notsleep".into(),
                 from_ip: "127.0.1.11".parse().unwrap(),
+                from_identity: None,
                 target: "127.0.10.1:80".parse().unwrap(),
                 target_name: "echo".into(),
                 expect: Expect::Denied,
@@ -249,6 +343,30 @@ mod tests {
             "#1: node1's outbound log says: the tunnel was refused (401)",
         ];
         assert_eq!(notes, expected);
+    }
+
+    #[test]
+    fn control_plane_tables() {
+        let dump = serde_json::json!({
+            "certificates": [{"identity": "spiffe://cluster.local/ns/default/sa/echo",
+                              "not_after": 90_000}],
+            "xds": {"connected": true, "acks": 2, "nacks": 0, "connects": 1,
+                    "synced": ["type.googleapis.com/istio.workload.Address"],
+                    "versions": {"type.googleapis.com/istio.workload.Address": {"a": "1"}}}
+        });
+        let state = super::super::node_state::parse(&dump);
+        let nodes = [("node2", &state)];
+        assert_eq!(
+            xds_status(&nodes).lines().nth(1).unwrap(),
+            "  node2  connected  Address  1 Address  2/0         1        -"
+        );
+        let certs = certificates(&nodes, "cluster.local", 3_600);
+        assert_eq!(
+            certs.lines().nth(1).unwrap(),
+            "  node2  ns/default/sa/echo  1970-01-02T01:00:00Z (in 24h00m)"
+        );
+        let samples = super::super::metrics::parse("a 1\nb{x=\"y\"} 2\nc 3\n");
+        assert_eq!(metric_lines(&samples, &["b", "a"]), ["b{x=\"y\"} 2", "a 1"]);
     }
 
     #[test]

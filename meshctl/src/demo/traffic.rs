@@ -13,7 +13,7 @@ use super::access_log::{AccessLogs, Entry};
 use super::client::{self, Seen};
 use super::topology::{Topology, Workload};
 
-/// The workload in namespace `default`, which the example's ALLOW policy lets in.
+/// The workload in namespace `default`, which the demo's ALLOW policy lets in.
 const CLIENT: &str = "sleep";
 /// A workload in another namespace, which the policy does not match.
 const OUTSIDER: &str = "notsleep";
@@ -38,6 +38,8 @@ pub enum Expect {
 pub struct Attempt {
     pub from: String,
     pub from_ip: IpAddr,
+    /// The client's SPIFFE identity, which the destination should see.
+    pub from_identity: Option<String>,
     pub target: SocketAddr,
     /// The service or workload name the client means to reach.
     pub target_name: String,
@@ -161,6 +163,7 @@ impl Attempt {
         Ok(Attempt {
             from: from.name.clone(),
             from_ip: from.ip()?,
+            from_identity: from.identity.clone(),
             target,
             target_name: name.to_owned(),
             expect,

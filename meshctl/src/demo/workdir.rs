@@ -1,7 +1,8 @@
-//! A private temporary directory for the demo's CA, config and ztunnel logs.
+//! A private temporary directory for the demo's manifests, tokens, the controller's state
+//! and the processes' logs.
 //!
 //! Removed when dropped, so an error or Ctrl-C leaves nothing behind. It must not hold
-//! anything the user needs after the demo: the CA key in it is throwaway.
+//! anything the user needs after the demo: the CA key and tokens in it are throwaway.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
@@ -34,7 +35,17 @@ impl WorkDir {
         &self.path
     }
 
-    /// Writes a new file readable only by `mode`'s owner bits, e.g. 0o600 for keys.
+    /// Creates a private subdirectory.
+    pub fn mkdir(&self, name: &str) -> Result<PathBuf> {
+        let path = self.path.join(name);
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("create {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Writes a new file (`name` may be inside a subdirectory made by [`WorkDir::mkdir`]) readable only by `mode`'s owner bits, e.g. 0o600 for keys.
     pub fn write(&self, name: &str, contents: &str, mode: u32) -> Result<PathBuf> {
         let path = self.path.join(name);
         let mut file = OpenOptions::new()

@@ -17,5 +17,6 @@ step "tests"
 cargo nextest run --release --workspace --no-fail-fast
 step "benchmark (short run; asserts nothing about speed)"
 cargo run --release -q -p mesh-tests --bin mesh-bench -- l4 --quick
+cargo run --release -q -p mesh-tests --bin mesh-bench -- controlplane --quick
 step "demo"
 cargo run --release -q -p meshctl -- demo --check

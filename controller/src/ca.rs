@@ -28,7 +28,7 @@ use tracing::{info, warn};
 mod tests;
 
 /// The metadata key a node proxy sets to ask for a workload's identity.
-pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+pub use mesh_core::ca_client::IMPERSONATED_IDENTITY;
 /// Lifetime given when the request names none.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 

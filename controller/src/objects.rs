@@ -240,7 +240,8 @@ pub fn load_dir(dir: &Path, trust_domain: &str) -> std::io::Result<(Objects, Vec
     Ok((objects, errors))
 }
 
-fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every `*.yaml` / `*.yml` file below `dir`, depth first.
+pub fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.is_dir() {

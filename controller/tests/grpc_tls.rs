@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use controller::app::{self, Config};
+use mesh_core::ca_client::{CaClient, CaClientError};
+use mesh_core::control_plane::ControlPlane;
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_core::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use mesh_core::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use mesh_core::proto::istio::v1::auth::IstioCertificateRequest;
 use mesh_core::proto::type_url::ADDRESS;
-use mesh_core::tls::{generate_csr, identity_of, pem, CertificateAuthority};
+use mesh_core::tls::{pem, CertificateAuthority};
 use mesh_core::Identity;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const TOKEN: &str = "node1-ztunnel-token-0123456789";
 
@@ -49,32 +49,17 @@ async fn start(name: &str, lifetime: Duration) -> (app::App, PathBuf) {
     (app::build(cfg).await.unwrap(), state)
 }
 
-/// A gRPC channel over TLS to `addr`, trusting only `root`, checking `server_name`.
+/// A gRPC channel over TLS to `addr`, trusting only `root`, checking `server_name`:
+/// the proxies' own client (`ControlPlane`), connected now.
 async fn tls_channel(
     addr: std::net::SocketAddr,
     root: CertificateDer<'static>,
     server_name: &'static str,
 ) -> Result<Channel, tonic::transport::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(mesh_core::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+    let root = pem::encode_cert(&root);
+    ControlPlane::new(&format!("https://{addr}"), Some(&root), Some(server_name))
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let connect = tower::service_fn(move |_: http::Uri| {
-        let connector = connector.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let name = ServerName::try_from(server_name).map_err(std::io::Error::other)?;
-            let stream = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
-    Endpoint::from_static("http://controller.invalid")
-        .connect_with_connector(connect)
+        .connect()
         .await
 }
 
@@ -84,29 +69,13 @@ fn root_of(state: &std::path::Path) -> CertificateDer<'static> {
 }
 
 async fn create_certificate(channel: Channel) -> Result<Identity, tonic::Status> {
-    let mut client = IstioCertificateServiceClient::new(channel);
+    let client = CaClient::from_channel(channel, Some(TOKEN.into()), true);
     let want = Identity::new("cluster.local", "default", "echo").unwrap();
-    let (_key, csr) = generate_csr(&want).unwrap();
-    let mut fields = std::collections::BTreeMap::new();
-    fields.insert(
-        "ImpersonatedIdentity".to_owned(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue(want.to_string())),
-        },
-    );
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: 3600,
-        metadata: Some(prost_types::Struct { fields }),
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    let chain = client
-        .create_certificate(req)
-        .await?
-        .into_inner()
-        .cert_chain;
-    Ok(identity_of(&pem::certs(&chain[0]).unwrap()[0]).unwrap())
+    match client.fetch(&want, Duration::from_secs(3600)).await {
+        Ok(cert) => Ok(cert.identity().clone()),
+        Err(CaClientError::Status(status)) => Err(status),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

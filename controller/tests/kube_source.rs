@@ -20,9 +20,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use mesh_core::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use mesh_core::proto::istio::v1::auth::IstioCertificateRequest;
-use mesh_core::tls::{generate_csr, identity_of, pem};
+use mesh_core::ca_client::{CaClient, CaClientError};
+use mesh_core::control_plane::ControlPlane;
+use mesh_core::tls::pem;
 use mesh_core::Identity;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, Notify};
@@ -484,42 +484,21 @@ async fn token_review_names_the_caller() {
     assert_eq!(bodies[0]["spec"]["token"], "ztunnel-token");
 }
 
+/// Asks for `want` with `token` (as a node proxy on its behalf when `impersonate`); the
+/// granted identity and the root PEM.
 async fn ask(
     grpc: SocketAddr,
     token: &str,
     want: &Identity,
     impersonate: bool,
 ) -> Result<(Identity, String), tonic::Status> {
-    let mut client = IstioCertificateServiceClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let (_key, csr) = generate_csr(want).unwrap();
-    let mut fields = BTreeMap::new();
-    if impersonate {
-        fields.insert(
-            "ImpersonatedIdentity".to_owned(),
-            prost_types::Value {
-                kind: Some(prost_types::value::Kind::StringValue(want.to_string())),
-            },
-        );
+    let controller = ControlPlane::new(&format!("http://{grpc}"), None, None).unwrap();
+    let client = CaClient::new(&controller, Some(token.into()), impersonate);
+    match client.fetch(want, Duration::from_secs(3600)).await {
+        Ok(cert) => Ok((cert.identity().clone(), pem::encode_cert(&cert.roots()[0]))),
+        Err(CaClientError::Status(status)) => Err(status),
+        Err(e) => panic!("{e}"),
     }
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: 3600,
-        metadata: Some(prost_types::Struct { fields }),
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let chain = client
-        .create_certificate(req)
-        .await?
-        .into_inner()
-        .cert_chain;
-    let leaf = pem::certs(&chain[0]).unwrap();
-    Ok((
-        identity_of(&leaf[0]).unwrap(),
-        chain.last().unwrap().clone(),
-    ))
 }
 
 async fn metrics_text(addr: SocketAddr) -> String {

@@ -7,15 +7,14 @@ use std::time::{Duration, Instant};
 
 use controller::app::{self, Config};
 use controller::castore::CaOrigin;
+use mesh_core::ca_client::{CaClient, CaClientError};
+use mesh_core::control_plane::ControlPlane;
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_core::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
-use mesh_core::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use mesh_core::proto::istio::v1::auth::IstioCertificateRequest;
 use mesh_core::proto::istio::workload::{address, Address};
 use mesh_core::proto::type_url::ADDRESS;
-use mesh_core::tls::{generate_csr, identity_of, pem};
 use mesh_core::Identity;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,31 +59,14 @@ async fn start(config: &Path, state: &Path, tokens: &Path) -> app::App {
 
 /// Asks, as node1's ztunnel, for a certificate of `sa` in namespace default.
 async fn ask(app: &app::App, sa: &str) -> Result<Identity, tonic::Status> {
-    let mut client = IstioCertificateServiceClient::connect(format!("http://{}", app.grpc))
-        .await
-        .unwrap();
+    let controller = ControlPlane::new(&format!("http://{}", app.grpc), None, None).unwrap();
+    let client = CaClient::new(&controller, Some(TOKEN.into()), true);
     let want = Identity::new("cluster.local", "default", sa).unwrap();
-    let (_key, csr) = generate_csr(&want).unwrap();
-    let mut fields = std::collections::BTreeMap::new();
-    fields.insert(
-        "ImpersonatedIdentity".to_owned(),
-        prost_types::Value {
-            kind: Some(prost_types::value::Kind::StringValue(want.to_string())),
-        },
-    );
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: 3600,
-        metadata: Some(prost_types::Struct { fields }),
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    let chain = client
-        .create_certificate(req)
-        .await?
-        .into_inner()
-        .cert_chain;
-    Ok(identity_of(&pem::certs(&chain[0]).unwrap()[0]).unwrap())
+    match client.fetch(&want, Duration::from_secs(3600)).await {
+        Ok(cert) => Ok(cert.identity().clone()),
+        Err(CaClientError::Status(status)) => Err(status),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// Retries `sa` until granted (or refused, with `granted` false) or `within` passes.

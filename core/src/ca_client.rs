@@ -39,8 +39,13 @@ pub struct CaClient {
 impl CaClient {
     /// Connects lazily: the first request dials, a lost connection is redialled.
     pub fn new(controller: &ControlPlane, token: Option<String>, impersonate: bool) -> Self {
+        Self::from_channel(controller.channel(), token, impersonate)
+    }
+
+    /// Over an existing channel (shared with ADS, or made by the caller).
+    pub fn from_channel(channel: Channel, token: Option<String>, impersonate: bool) -> Self {
         CaClient {
-            channel: controller.channel(),
+            channel,
             token,
             impersonate,
         }

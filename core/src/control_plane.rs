@@ -87,30 +87,56 @@ impl ControlPlane {
 
     /// A channel that connects on first use and redials after a failure.
     pub fn channel(&self) -> Channel {
-        // tonic sees plain http: TLS, when wanted, is done by the connector below.
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.authority))
+        match self.connector() {
+            None => self.endpoint().connect_lazy(),
+            Some(c) => self.endpoint().connect_with_connector_lazy(c),
+        }
+    }
+
+    /// A channel connected now: fails if the controller cannot be reached or trusted.
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        match self.connector() {
+            None => self.endpoint().connect().await,
+            Some(c) => self.endpoint().connect_with_connector(c).await,
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        // tonic sees plain http: TLS, when wanted, is done by the connector.
+        Endpoint::from_shared(format!("http://{}", self.authority))
             .expect("authority was parsed from a valid URI")
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        match self.tls.clone() {
-            None => endpoint.connect_lazy(),
-            Some((config, name)) => {
-                let connector = TlsConnector::from(config);
-                let authority = self.authority.clone();
-                endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                    let (connector, name, authority) =
-                        (connector.clone(), name.clone(), authority.clone());
-                    async move {
-                        let tcp = TcpStream::connect(authority).await?;
-                        tcp.set_nodelay(true)?;
-                        let tls = connector.connect(name, tcp).await?;
-                        Ok::<_, std::io::Error>(TokioIo::new(tls))
-                    }
-                }))
+            .keep_alive_timeout(Duration::from_secs(10))
+    }
+
+    /// Dials TCP and completes TLS, verifying the controller; `None` for plaintext.
+    #[allow(clippy::type_complexity)]
+    fn connector(
+        &self,
+    ) -> Option<
+        impl tower::Service<
+                Uri,
+                Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                Error = std::io::Error,
+                Future = impl Send,
+            > + Clone
+            + Send
+            + 'static,
+    > {
+        let (config, name) = self.tls.clone()?;
+        let connector = TlsConnector::from(config);
+        let authority = self.authority.clone();
+        Some(tower::service_fn(move |_: Uri| {
+            let (connector, name, authority) = (connector.clone(), name.clone(), authority.clone());
+            async move {
+                let tcp = TcpStream::connect(authority).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
-        }
+        }))
     }
 }
 

@@ -171,7 +171,7 @@ struct FileIndex(BTreeMap<String, String>);
 impl FileIndex {
     fn build(dir: &Path) -> std::io::Result<FileIndex> {
         let mut files = Vec::new();
-        collect_yaml(dir, &mut files)?;
+        objects::collect_yaml(dir, &mut files)?;
         files.sort();
         let mut index = BTreeMap::new();
         for file in files {
@@ -211,21 +211,6 @@ impl FileIndex {
     fn file(&self, object: &str) -> String {
         self.0.get(object).cloned().unwrap_or_else(|| "?".into())
     }
-}
-
-fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_yaml(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            out.push(path);
-        }
-    }
-    Ok(())
 }
 
 struct Analysis<'a> {

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use mesh_core::socks5::{self, ConnectError};
 use tokio::net::TcpStream;
 use ztunnel::app::App;
-use ztunnel::config::{Config, Ports};
+use ztunnel::config::Config;
 
 use crate::bench::process::{workspace_binary, ChildGuard, Spawn, Stdout};
-use crate::harness::claim_block;
+use crate::harness::{claim_block, test_ports};
 
 pub const NODE1_TOKEN: &str = "node1-ztunnel-token-0123456789";
 pub const NODE2_TOKEN: &str = "node2-ztunnel-token-0123456789";
@@ -172,15 +172,7 @@ fn write_manifest(dir: &Path, config_dir: &Path, block: u8, file: &str, text: &s
 fn node_config(block: u8, grpc: SocketAddr, node: &str, last: u8, token: &str) -> Config {
     let mut c = Config::with_controller(node, &format!("http://{grpc}"), Some(token.into()));
     c.listen_ip = IpAddr::from([127, block, 0, last]);
-    c.ports = Ports {
-        hbone: 15008,
-        outbound: 0,
-        inbound_plaintext: 0,
-        socks5: 0,
-        admin: 0,
-        metrics: 0,
-        readiness: 0,
-    };
+    c.ports = test_ports();
     c.access_log_stdout = false;
     c
 }

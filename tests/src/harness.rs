@@ -48,6 +48,20 @@ pub struct Mesh {
     _lock: std::net::TcpListener,
 }
 
+/// HBONE on its standard port (one address per workload), every node listener on a
+/// port the system picks.
+pub fn test_ports() -> Ports {
+    Ports {
+        hbone: 15008,
+        outbound: 0,
+        inbound_plaintext: 0,
+        socks5: 0,
+        admin: 0,
+        metrics: 0,
+        readiness: 0,
+    }
+}
+
 /// Holds 127.B.0.1:19999 for the life of the test: the bind is the cross-process lock.
 pub fn claim_block() -> (u8, std::net::TcpListener) {
     let start = (std::process::id() % 150) as u8;
@@ -85,15 +99,7 @@ impl Mesh {
                 dir.join("ca-key.pem"),
             );
             c.listen_ip = IpAddr::from([127, block, 0, last]);
-            c.ports = Ports {
-                hbone: 15008,
-                outbound: 0,
-                inbound_plaintext: 0,
-                socks5: 0,
-                admin: 0,
-                metrics: 0,
-                readiness: 0,
-            };
+            c.ports = test_ports();
             c.access_log_stdout = false;
             c.config_poll = Duration::from_millis(50);
             tweak(&mut c);

@@ -62,6 +62,8 @@ pub struct WorkloadCert {
     roots: Vec<CertificateDer<'static>>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// When this certificate was built from its chain (issued or fetched).
+    received: SystemTime,
     certified: Arc<CertifiedKey>,
     root_store: Arc<RootCertStore>,
 }
@@ -107,6 +109,7 @@ impl WorkloadCert {
             roots,
             not_before,
             not_after,
+            received: SystemTime::now(),
             certified,
             root_store: Arc::new(store),
         })
@@ -136,13 +139,16 @@ impl WorkloadCert {
         self.not_after
     }
 
-    /// The moment to renew: half of the lifetime, as Istio does.
+    /// The moment to renew: half of the lifetime, as Istio does, counted from when we got
+    /// the certificate (or from not_before if later): CAs backdate not_before for clock
+    /// skew, which would otherwise make short-lived certificates due at once.
     pub fn refresh_at(&self) -> SystemTime {
+        let start = self.received.max(self.not_before);
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(start)
             .unwrap_or(Duration::ZERO);
-        self.not_before + life / 2
+        start + life / 2
     }
 
     /// Server side of HBONE: requires a client certificate chained to our roots from our

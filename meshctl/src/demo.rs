@@ -145,7 +145,11 @@ async fn demo(bins: &Binaries, work: &WorkDir, show_logs: bool) -> Result<Vec<Ch
         work.path().display(),
         topo.trust_domain
     );
-    let controller_addrs = [control_plane::grpc_addr(), control_plane::metrics_addr()];
+    let controller_addrs = [
+        control_plane::grpc_addr(),
+        control_plane::grpc_tls_addr(),
+        control_plane::metrics_addr(),
+    ];
     mesh::ensure_free(&NODES, &topo.mesh_ips(), &controller_addrs)?;
     let _servers = start_servers(&topo).await?;
     let mut cp = start_control_plane(&bins.controller, &inputs, work).await?;
@@ -192,9 +196,10 @@ async fn start_control_plane(
     let pid = cp.pid().map_or("?".into(), |p| p.to_string());
     match cp.wait_serving(READY_TIMEOUT).await {
         Ok(took) => println!(
-            "  started the controller (pid {pid}): xDS and CA on {}, metrics on {}, \
+            "  started the controller (pid {pid}): xDS and CA on {} (TLS {}), metrics on {}, \
              serving after {:.1}s",
             control_plane::grpc_addr(),
+            control_plane::grpc_tls_addr(),
             control_plane::metrics_addr(),
             took.as_secs_f64()
         ),

@@ -191,6 +191,8 @@ async fn spawn_controller(dir: &Path, config_dir: &Path, grpc: SocketAddr) -> Ch
         &grpc.to_string(),
         "--metrics-addr",
         &metrics.to_string(),
+        "--grpc-tls-addr",
+        &SocketAddr::new(grpc.ip(), 15012).to_string(),
     ]
     .map(String::from);
     let spec = Spawn {

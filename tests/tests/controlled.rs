@@ -328,3 +328,35 @@ fn netns_strict_peer_authentication_from_the_controller_refuses_plaintext() {
         },
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_the_controller_are_renewed_at_half_life() {
+    let mesh = ControlledMesh::start_with(&base_manifests(), |c| {
+        c.cert_lifetime = Duration::from_secs(4)
+    })
+    .await;
+    echo_server(mesh.addr("2.10", 8080)).await.unwrap();
+    let first = mesh.node1.proxy().certs.summary();
+    assert_eq!(first.len(), 1);
+    // Half of the 4 s it was issued for (not_before is backdated 60 s for clock skew).
+    let due_in = first[0].refresh_at - (first[0].not_after - 4);
+    assert!(
+        (1..=3).contains(&due_in),
+        "refresh {due_in} s after issuance"
+    );
+    let before = tokio::time::Instant::now();
+    let renewed = eventually(Duration::from_secs(5), "renewed", async || {
+        mesh.node1.proxy().certs.summary()[0].not_after > first[0].not_after
+    })
+    .await;
+    assert!(
+        before.elapsed() >= Duration::from_secs(1),
+        "renewed too early: {renewed:?}"
+    );
+    // New connections use the renewed certificate.
+    let tcp = mesh
+        .socks(mesh.ip("1.10"), mesh.addr("2.10", 8080))
+        .await
+        .unwrap();
+    echo_roundtrip(tcp, 1024).await;
+}

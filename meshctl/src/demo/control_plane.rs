@@ -24,6 +24,7 @@ use super::workdir::WorkDir;
 const IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
 const GRPC_PORT: u16 = 15010;
 const METRICS_PORT: u16 = 15014;
+const GRPC_TLS_PORT: u16 = 15012;
 /// The identity the ztunnels' tokens stand for (Istio's ztunnel service account).
 const ZTUNNEL_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
 const TOKEN_LEN: usize = 32;
@@ -36,6 +37,10 @@ pub const SHOWN: [&str; 3] = [SIGNED, XDS_CLIENTS, PUSHES];
 
 pub fn grpc_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(IP), GRPC_PORT)
+}
+
+pub fn grpc_tls_addr() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(IP), GRPC_TLS_PORT)
 }
 
 pub fn metrics_addr() -> SocketAddr {
@@ -93,6 +98,8 @@ impl ControlPlane {
             .arg(grpc_addr().to_string())
             .arg("--metrics-addr")
             .arg(metrics_addr().to_string())
+            .arg("--grpc-tls-addr")
+            .arg(grpc_tls_addr().to_string())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -255,3 +255,73 @@ async fn syncz_reports_synced_nacked_and_stale_proxies() {
     assert!(proxy(&report, A).is_some() && proxy(&report, B).is_some());
     app.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A gRPC channel over TLS to `addr`, trusting the mesh root in `state`.
+async fn tls_channel(addr: SocketAddr, state: &std::path::Path) -> tonic::transport::Channel {
+    let text = std::fs::read_to_string(state.join("root-cert.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(mesh_core::tls::pem::certs(&text).unwrap().remove(0))
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(mesh_core::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::try_from("istiod.istio-system.svc")
+                .map_err(std::io::Error::other)?;
+            let stream = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://controller.invalid")
+        .connect_with_connector(connect)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_on_the_tls_port_are_listed_with_their_address() {
+    let (app, config) = start("syncz-tls").await;
+    let channel = tls_channel(app.grpc_tls, &config.with_file_name("state")).await;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: A.to_owned(),
+            ..Default::default()
+        }),
+        type_url: ADDRESS.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ack = Proxy { tx, rx: stream };
+    ack.answer(&first, None).await;
+    let report = until(app.metrics, "the TLS proxy synced", |r| {
+        state(r, A, ADDRESS) == Some(SyncState::Synced)
+    })
+    .await;
+    let peer = proxy(&report, A).unwrap().address.clone();
+    assert!(
+        peer.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{peer:?}"
+    );
+    app.shutdown(Duration::from_secs(1)).await;
+}

@@ -153,7 +153,7 @@ impl Tracked {
             None => {
                 t.last_acked = Some(nonce.clone());
                 match answered {
-                    Some(i) => t.acked = t.pending.drain(..=i).last().map(|(_, r)| r),
+                    Some(i) => t.acked = t.pending.drain(..=i).next_back().map(|(_, r)| r),
                     None => debug!(%nonce, "ACK of a response no longer remembered"),
                 }
             }

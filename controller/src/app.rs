@@ -237,6 +237,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     let objects = Arc::new(LiveObjects::new(model));
     let ca_metrics = CaMetrics::new(&mut registry);
     let xds = XdsServer::new(objects.xds.subscribe(), XdsMetrics::new(&mut registry));
+    let syncz = xds.status();
     let (trigger, drain) = drain::new();
 
     let ca = Arc::new(ca);
@@ -280,7 +281,10 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
             }
         });
     }
-    let routes = Routes::new().route("/metrics", admin::metrics_route(Arc::new(registry)));
+    let routes = Routes::new()
+        .route("/metrics", admin::metrics_route(Arc::new(registry)))
+        // Connected proxies and the versions they ACKed (`meshctl proxy-status`).
+        .route("/debug/syncz", move |_| admin::json(&syncz.report()));
     let metrics = admin::spawn_server("metrics", cfg.metrics_addr, routes, drain.clone())?;
     if let Some(updates) = updates {
         tokio::spawn(follow_kube(updates, objects.clone(), drain));

@@ -100,12 +100,14 @@ impl ServingMetrics {
     }
 }
 
-/// A TLS connection for tonic (which needs to know nothing about the peer here).
+/// A TLS connection for tonic; the peer's address is passed on, for `/debug/syncz`.
 pub struct TlsConn(TlsStream<TcpStream>);
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
 }
 
 impl AsyncRead for TlsConn {

@@ -25,6 +25,8 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+pub mod status;
+
 /// One resource as served: its version and its encoded form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Served {
@@ -234,6 +236,7 @@ pub struct XdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: XdsMetrics,
     shared: Arc<Shared>,
+    status: status::Statuses,
 }
 
 /// What every stream of one server shares.
@@ -247,6 +250,7 @@ struct Shared {
 impl XdsServer {
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, metrics: XdsMetrics) -> Self {
         XdsServer {
+            status: status::Statuses::new(snapshots.clone()),
             snapshots,
             metrics,
             shared: Arc::new(Shared {
@@ -255,6 +259,11 @@ impl XdsServer {
                 empty: Arc::new(Resources::new()),
             }),
         }
+    }
+
+    /// The connected proxies and how far each has followed, for `/debug/syncz`.
+    pub fn status(&self) -> status::Statuses {
+        self.status.clone()
     }
 }
 
@@ -302,10 +311,12 @@ struct Stream_ {
     out: mpsc::Sender<Outgoing>,
     shared: Arc<Shared>,
     metrics: XdsMetrics,
+    status: status::Tracked,
 }
 
 impl Stream_ {
     fn on_request(&mut self, req: DeltaDiscoveryRequest, snap: &Snapshot) -> bool {
+        self.status.request(&req);
         if let Some(node) = &req.node {
             self.node = node.id.clone();
         }
@@ -352,7 +363,7 @@ impl Stream_ {
             Held::Sent(prev) => self.shared.deltas.between(prev, &current),
             Held::Stated(held) => Arc::new(Delta::from_stated(held, &current)),
         };
-        sub.held = Held::Sent(current);
+        sub.held = Held::Sent(current.clone());
         if delta.is_empty() && sub.answered {
             return true;
         }
@@ -364,6 +375,7 @@ impl Stream_ {
             .to_string();
         debug!(node = %self.node, type_url, changed = delta.resources.len(), removed = delta.removed.len(), %nonce, "push");
         self.metrics.pushes.inc();
+        self.status.sent(type_url, &nonce, &current);
         let resp = DeltaDiscoveryResponse {
             type_url: type_url.to_owned(),
             resources: delta.resources.clone(),
@@ -385,6 +397,7 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let tracked = self.status.open(request.remote_addr());
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let mut snapshots = self.snapshots.clone();
@@ -395,6 +408,7 @@ impl AggregatedDiscoveryService for XdsServer {
             out: tx,
             shared: self.shared.clone(),
             metrics: metrics.clone(),
+            status: tracked,
         };
         metrics.connected.inc();
         tokio::spawn(async move {

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 
 mod analyze;
 mod demo;
+mod http;
+mod proxy_status;
 mod ztunnel_config;
 
 #[derive(Parser, Debug)]
@@ -27,6 +29,9 @@ enum Command {
     /// Show what a ztunnel holds (from its admin /config_dump): workloads, services,
     /// policies or certificates.
     ZtunnelConfig(ztunnel_config::ZtunnelConfigArgs),
+    /// Show the proxies connected to the controller and whether each ACKed what it serves
+    /// (from the controller's /debug/syncz).
+    ProxyStatus(proxy_status::ProxyStatusArgs),
 }
 
 #[tokio::main]
@@ -36,6 +41,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args).await,
         Command::Analyze(args) => analyze::run(&args),
         Command::ZtunnelConfig(args) => ztunnel_config::run(&args).await,
+        Command::ProxyStatus(args) => proxy_status::run(&args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -8,13 +8,9 @@
 //! admin port is never exposed beyond the node.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 #[derive(Args, Debug)]
 pub struct ZtunnelConfigArgs {
@@ -43,8 +39,6 @@ pub enum Format {
     Json,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-
 pub async fn run(args: &ZtunnelConfigArgs) -> anyhow::Result<bool> {
     let dump = fetch_dump(&args.admin).await?;
     let out = match args.output {
@@ -57,42 +51,7 @@ pub async fn run(args: &ZtunnelConfigArgs) -> anyhow::Result<bool> {
 
 /// GET `/config_dump` from `admin` (`http://host:port`).
 pub async fn fetch_dump(admin: &str) -> anyhow::Result<Value> {
-    let Some(rest) = admin.strip_prefix("http://") else {
-        bail!("admin address {admin:?} must start with http://");
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() {
-        bail!("admin address {admin:?} names no host:port");
-    }
-    let body = tokio::time::timeout(TIMEOUT, get(authority, "/config_dump"))
-        .await
-        .with_context(|| format!("{admin}/config_dump: no answer within {TIMEOUT:?}"))?
-        .with_context(|| format!("{admin}/config_dump"))?;
-    serde_json::from_slice(&body).with_context(|| format!("{admin}/config_dump is not JSON"))
-}
-
-/// A minimal HTTP/1.0 GET: the admin server then answers with a plain body and closes.
-async fn get(authority: &str, path: &str) -> anyhow::Result<Vec<u8>> {
-    let mut tcp = TcpStream::connect(authority)
-        .await
-        .with_context(|| format!("connect to {authority}"))?;
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tcp.read_to_end(&mut response).await?;
-    let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
-        bail!(
-            "malformed HTTP response ({} bytes, no header end)",
-            response.len()
-        );
-    };
-    let head = String::from_utf8_lossy(&response[..split]);
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("admin server answered {status:?}");
-    }
-    Ok(response[split + 4..].to_vec())
+    crate::http::get_json(admin, "/config_dump").await
 }
 
 /// The raw part of the dump `what` is drawn from.
@@ -144,7 +103,7 @@ fn joined(items: impl IntoIterator<Item = String>) -> String {
 }
 
 /// A header row followed by data rows.
-type Table = Vec<Vec<String>>;
+pub type Table = Vec<Vec<String>>;
 
 fn table(dump: &Value, what: Section) -> Table {
     let rows = entries(section(dump, what));
@@ -283,7 +242,7 @@ fn rfc3339(secs: i64) -> String {
 }
 
 /// Columns padded to their widest cell, three spaces apart, as istioctl prints.
-fn render(table: &Table) -> String {
+pub fn render(table: &Table) -> String {
     let columns = table.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|i| {

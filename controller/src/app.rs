@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,9 +20,9 @@ use tracing::{info, warn};
 use crate::ca::{Authenticator, CaMetrics, CaService, Placement, TokenFile, TokenReviewer};
 use crate::castore::{self, CaOrigin};
 use crate::kube_source::{self, SourceMetrics, Update};
-use crate::objects::{self, Objects};
+use crate::objects::{DirSource, Objects};
 use crate::serving::{self, ServingCert, ServingMetrics};
-use crate::translate;
+use crate::translate::{self, AddressCache};
 use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use mesh_core::proto::type_url;
@@ -108,14 +108,20 @@ impl Config {
 pub struct LiveObjects {
     model: ArcSwap<Objects>,
     xds: watch::Sender<Arc<Snapshot>>,
+    /// The Address resources of the last model, for translating the next one.
+    addresses: Mutex<AddressCache<Served>>,
 }
 
 impl LiveObjects {
     fn new(model: Objects) -> Self {
-        let (xds, _) = watch::channel(Arc::new(snapshot(&model, Instant::now())));
+        let model = Arc::new(model);
+        let mut addresses = AddressCache::default();
+        let snap = snapshot(&mut addresses, &model, Instant::now());
+        let (xds, _) = watch::channel(Arc::new(snap));
         LiveObjects {
-            model: ArcSwap::from_pointee(model),
+            model: ArcSwap::new(model),
             xds,
+            addresses: Mutex::new(addresses),
         }
     }
 
@@ -125,18 +131,23 @@ impl LiveObjects {
 
     /// Swaps in `model`, which changed at `changed` (when the change was seen).
     fn store(&self, model: Objects, changed: Instant) {
-        let snap = snapshot(&model, changed);
-        self.model.store(Arc::new(model));
+        let model = Arc::new(model);
+        let snap = {
+            let mut addresses = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
+            snapshot(&mut addresses, &model, changed)
+        };
+        self.model.store(model);
         self.xds.send_replace(Arc::new(snap));
     }
 }
 
 /// The resources every proxy is served, from the model.
-fn snapshot(model: &Objects, changed: Instant) -> Snapshot {
-    let addresses = translate::addresses(model)
-        .into_iter()
-        .map(|(name, address)| (name, Served::new(type_url::ADDRESS, &address)))
-        .collect();
+fn snapshot(
+    addresses: &mut AddressCache<Served>,
+    model: &Arc<Objects>,
+    changed: Instant,
+) -> Snapshot {
+    let addresses = addresses.addresses(model, |a| Served::new(type_url::ADDRESS, a));
     let (auths, errors) = translate::authorizations(model);
     for e in &errors {
         warn!("policy skipped: {e}");
@@ -177,6 +188,8 @@ struct Opened {
     model: Objects,
     /// Kubernetes mode: the models that follow the first.
     updates: Option<mpsc::Receiver<Update>>,
+    /// Local mode: the directory, with what was read of it.
+    dir: Option<DirSource>,
 }
 
 async fn open(cfg: &Config, registry: &mut Registry) -> anyhow::Result<Opened> {
@@ -185,12 +198,14 @@ async fn open(cfg: &Config, registry: &mut Registry) -> anyhow::Result<Opened> {
         Source::Dir { config_dir, tokens } => {
             let (ca, ca_origin) =
                 castore::load_or_create(plugin, &cfg.state_dir, &cfg.trust_domain)?;
+            let mut dir = DirSource::new(config_dir, &cfg.trust_domain);
             Ok(Opened {
                 ca,
                 ca_origin,
                 auth: Arc::new(TokenFile::load(tokens)?),
-                model: load(config_dir, &cfg.trust_domain)?,
+                model: load(&mut dir, config_dir)?,
                 updates: None,
+                dir: Some(dir),
             })
         }
         Source::Kubernetes {
@@ -220,6 +235,7 @@ async fn open(cfg: &Config, registry: &mut Registry) -> anyhow::Result<Opened> {
                 auth: Arc::new(auth),
                 model: first.objects,
                 updates: Some(updates),
+                dir: None,
             })
         }
     }
@@ -233,6 +249,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         auth,
         model,
         updates,
+        dir,
     } = open(&cfg, &mut registry).await?;
     let objects = Arc::new(LiveObjects::new(model));
     let ca_metrics = CaMetrics::new(&mut registry);
@@ -288,9 +305,9 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     let metrics = admin::spawn_server("metrics", cfg.metrics_addr, routes, drain.clone())?;
     if let Some(updates) = updates {
         tokio::spawn(follow_kube(updates, objects.clone(), drain));
-    } else if let Source::Dir { config_dir, .. } = &cfg.source {
+    } else if let (Some(source), Source::Dir { config_dir, .. }) = (dir, &cfg.source) {
         let dir = config_dir.clone();
-        tokio::spawn(follow_dir(dir, cfg.clone(), objects.clone(), drain));
+        tokio::spawn(follow_dir(dir, source, cfg.config_poll, objects.clone(), drain));
     }
     info!(%grpc, %grpc_tls, %metrics, ca = ?ca_origin, "controller ready");
     Ok(App {
@@ -316,8 +333,9 @@ impl App {
     }
 }
 
-fn load(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<Objects> {
-    let (objects, errors) = objects::load_dir(dir, trust_domain)
+fn load(source: &mut DirSource, dir: &std::path::Path) -> anyhow::Result<Objects> {
+    let (objects, errors) = source
+        .load()
         .with_context(|| format!("reading {}", dir.display()))?;
     for e in &errors {
         warn!("object skipped: {e}");
@@ -326,10 +344,17 @@ fn load(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<Objects> {
 }
 
 /// Reloads the model whenever a file below the directory changes (by name, size or
-/// modification time). A directory that cannot be read keeps the last good model.
-async fn follow_dir(dir: PathBuf, cfg: Config, objects: Arc<LiveObjects>, drain: Drain) {
+/// modification time), re-reading only the files that changed. A directory that cannot
+/// be read keeps the last good model.
+async fn follow_dir(
+    dir: PathBuf,
+    mut source: DirSource,
+    poll: Duration,
+    objects: Arc<LiveObjects>,
+    drain: Drain,
+) {
     let mut seen = fingerprint(&dir);
-    let mut tick = tokio::time::interval(cfg.config_poll);
+    let mut tick = tokio::time::interval(poll);
     loop {
         tokio::select! {
             _ = drain.signaled() => return,
@@ -341,13 +366,14 @@ async fn follow_dir(dir: PathBuf, cfg: Config, objects: Arc<LiveObjects>, drain:
         }
         let changed = Instant::now();
         seen = now;
-        match load(&dir, &cfg.trust_domain) {
+        match load(&mut source, &dir) {
             Ok(model) => {
                 let pods = model.pods.len();
                 let loaded = changed.elapsed();
                 objects.store(model, changed);
                 info!(
                     pods,
+                    files_read = source.reread(),
                     load_ms = loaded.as_millis() as u64,
                     translate_ms = (changed.elapsed() - loaded).as_millis() as u64,
                     "config directory changed; model reloaded"

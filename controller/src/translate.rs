@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -36,33 +37,178 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Every Address resource, keyed by its xDS name (workload uid, or namespace/hostname).
 pub fn addresses(objects: &Objects) -> BTreeMap<String, Address> {
-    let mut out = BTreeMap::new();
-    for svc in objects.services.values() {
-        if let Some(s) = service(svc) {
-            let name = format!("{}/{}", s.namespace, s.hostname);
-            out.insert(name, wrap(address::Type::Service(s)));
-        }
-    }
-    let policies = Policies {
-        authz: selector_policies(objects),
-        peer: PeerAuths::new(objects).0,
-    };
-    let (mut sliced, skipped) = slice_backings(objects);
-    for s in &skipped {
-        info!("endpoint skipped: {s}");
-    }
+    let mut out: BTreeMap<_, _> = service_addresses(objects).collect();
+    let policies = Policies::new(objects);
+    let mut sliced = slice_backings_logged(objects);
     for (key, pod) in &objects.pods {
-        let mut w = workload(objects, pod, &policies);
-        w.services.extend(sliced.remove(key).unwrap_or_default());
-        out.insert(w.uid.clone(), wrap(address::Type::Workload(w)));
+        let address = pod_address(objects, pod, &policies, sliced.remove(key));
+        out.insert(address.0, address.1);
     }
     out
 }
 
-/// The policies workloads list, parsed once for all pods.
-struct Policies {
+/// The Address of each Service, by xDS name.
+fn service_addresses(objects: &Objects) -> impl Iterator<Item = (String, Address)> + '_ {
+    objects.services.values().filter_map(service).map(|s| {
+        let name = format!("{}/{}", s.namespace, s.hostname);
+        (name, wrap(address::Type::Service(s)))
+    })
+}
+
+/// A pod's Workload, named by its uid; `sliced`: the Services that list it in their
+/// EndpointSlices.
+fn pod_address(
+    objects: &Objects,
+    pod: &Pod,
+    policies: &Policies<'_>,
+    sliced: Option<BTreeMap<String, PortList>>,
+) -> (String, Address) {
+    let mut w = workload(objects, pod, policies);
+    w.services.extend(sliced.unwrap_or_default());
+    (w.uid.clone(), wrap(address::Type::Workload(w)))
+}
+
+fn slice_backings_logged(objects: &Objects) -> BTreeMap<Key, BTreeMap<String, PortList>> {
+    let (sliced, skipped) = slice_backings(objects);
+    for s in &skipped {
+        info!("endpoint skipped: {s}");
+    }
+    sliced
+}
+
+/// Address resources translated for an earlier model, kept in the form `V` they are
+/// served in. A pod's resource is reused when the pod is unchanged and so is everything
+/// else a workload depends on (trust domain, namespaces, services, endpoint slices and
+/// the slice addresses that are its IPs, policies); otherwise it is translated again.
+/// What [`AddressCache::addresses`] returns is always what [`addresses`] would give.
+pub struct AddressCache<V> {
+    model: Option<Arc<Objects>>,
+    services: Vec<(String, V)>,
+    pods: BTreeMap<Key, CachedWorkload<V>>,
+}
+
+struct CachedWorkload<V> {
+    uid: String,
+    sliced: Option<BTreeMap<String, PortList>>,
+    value: V,
+}
+
+impl<V: Clone> Default for AddressCache<V> {
+    fn default() -> Self {
+        AddressCache {
+            model: None,
+            services: Vec::new(),
+            pods: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> AddressCache<V> {
+    /// Every Address resource of `objects`, by xDS name, as `encode` gives it.
+    pub fn addresses(
+        &mut self,
+        objects: &Arc<Objects>,
+        encode: impl Fn(&Address) -> V,
+    ) -> BTreeMap<String, V> {
+        let prev = self.model.replace(objects.clone());
+        let prev = prev.filter(|p| same_context(p, objects));
+        if prev.is_none() {
+            self.services = service_addresses(objects)
+                .map(|(name, a)| (name, encode(&a)))
+                .collect();
+            self.pods.clear();
+        }
+        let mut out: BTreeMap<_, _> = self.services.iter().cloned().collect();
+        let mut sliced = slice_backings_logged(objects);
+        let mut policies = None;
+        let mut pods = BTreeMap::new();
+        for (key, pod) in &objects.pods {
+            let sliced = sliced.remove(key);
+            let unchanged = |c: &CachedWorkload<V>| {
+                let before = prev.as_ref().and_then(|p| p.pods.get(key));
+                before.is_some_and(|b| Arc::ptr_eq(b, pod) || **b == **pod) && c.sliced == sliced
+            };
+            let entry = match self.pods.remove(key).filter(unchanged) {
+                Some(cached) => cached,
+                None => {
+                    let policies = policies.get_or_insert_with(|| Policies::new(objects));
+                    let (uid, address) = pod_address(objects, pod, policies, sliced.clone());
+                    CachedWorkload {
+                        uid,
+                        sliced,
+                        value: encode(&address),
+                    }
+                }
+            };
+            out.insert(entry.uid.clone(), entry.value.clone());
+            pods.insert(key.clone(), entry);
+        }
+        self.pods = pods;
+        out
+    }
+}
+
+/// Whether two models agree on everything but their pods (and service accounts, which
+/// translation does not read).
+fn same_context(a: &Objects, b: &Objects) -> bool {
+    a.trust_domain == b.trust_domain
+        && a.namespaces == b.namespaces
+        && a.services == b.services
+        && a.endpoint_slices == b.endpoint_slices
+        && a.custom == b.custom
+}
+
+/// The policies workloads list and the Services that may select them, gathered once for
+/// all pods.
+struct Policies<'a> {
     authz: Vec<SelectorPolicy>,
     peer: PeerAuths,
+    services: ServiceIndex<'a>,
+}
+
+impl<'a> Policies<'a> {
+    fn new(objects: &'a Objects) -> Self {
+        Policies {
+            authz: selector_policies(objects),
+            peer: PeerAuths::new(objects).0,
+            services: ServiceIndex::new(objects),
+        }
+    }
+}
+
+/// The Services with a selector, by namespace and one label of their selector (the first),
+/// so that finding the Services of a pod looks at the pod's labels, not at every Service.
+struct ServiceIndex<'a> {
+    by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<(&'a Key, &'a Service)>>,
+}
+
+impl<'a> ServiceIndex<'a> {
+    fn new(objects: &'a Objects) -> Self {
+        let mut by_label: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for (key, svc) in &objects.services {
+            let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+            if let Some((k, v)) = selector.and_then(|s| s.iter().next()) {
+                let at = (key.0.as_str(), k.as_str(), v.as_str());
+                by_label.entry(at).or_default().push((key, svc));
+            }
+        }
+        ServiceIndex { by_label }
+    }
+
+    /// The Services of `ns` whose selector matches `pod_labels`. Each Service is found
+    /// at most once: it is filed under one label, and a pod has one value per label.
+    fn selecting<'s>(
+        &'s self,
+        ns: &'s str,
+        pod_labels: &'s BTreeMap<String, String>,
+    ) -> impl Iterator<Item = (&'a Key, &'a Service)> + 's {
+        pod_labels
+            .iter()
+            .filter_map(move |(k, v)| self.by_label.get(&(ns, k.as_str(), v.as_str())))
+            .flatten()
+            .filter(|(_, svc)| selects(svc, pod_labels))
+            .copied()
+    }
 }
 
 /// Every Authorization resource for ztunnels, keyed by namespace/name, and the policies
@@ -131,13 +277,14 @@ fn wrap(t: address::Type) -> Address {
 
 fn labels(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> BTreeMap<String, String> {
-    meta.labels.clone().unwrap_or_default()
+) -> &BTreeMap<String, String> {
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
+    meta.labels.as_ref().unwrap_or(&NONE)
 }
 
 pub fn enrolled(objects: &Objects, pod: &Pod) -> bool {
-    let pod_mode = labels(&pod.metadata).get(DATAPLANE_MODE).cloned();
-    match pod_mode.as_deref() {
+    let pod_mode = labels(&pod.metadata).get(DATAPLANE_MODE);
+    match pod_mode.map(String::as_str) {
         Some("none") => false,
         Some("ambient") => true,
         _ => {
@@ -160,7 +307,7 @@ fn ip_bytes(ip: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn workload(objects: &Objects, pod: &Pod, policies: &Policies) -> Workload {
+fn workload(objects: &Objects, pod: &Pod, policies: &Policies<'_>) -> Workload {
     let meta = &pod.metadata;
     let ns = meta
         .namespace
@@ -210,7 +357,7 @@ fn workload(objects: &Objects, pod: &Pod, policies: &Policies) -> Workload {
         .unwrap_or_else(|| "latest".to_owned()),
         workload_type: workload_type as i32,
         workload_name,
-        services: backed_services(objects, pod, &ns),
+        services: backed_services(&policies.services, pod, &ns),
         authorization_policies,
         // A pod said not to be Ready gets no new traffic; local-mode manifests rarely
         // carry conditions, so their absence counts as healthy.
@@ -253,13 +400,10 @@ fn selects(svc: &Service, pod_labels: &BTreeMap<String, String>) -> bool {
 }
 
 /// "namespace/hostname" -> ports, for each Service selecting the pod.
-fn backed_services(objects: &Objects, pod: &Pod, ns: &str) -> BTreeMap<String, PortList> {
+fn backed_services(index: &ServiceIndex, pod: &Pod, ns: &str) -> BTreeMap<String, PortList> {
     let pod_labels = labels(&pod.metadata);
     let mut out = BTreeMap::new();
-    for ((svc_ns, svc_name), svc) in &objects.services {
-        if svc_ns != ns || !selects(svc, &pod_labels) {
-            continue;
-        }
+    for ((svc_ns, svc_name), svc) in index.selecting(ns, pod_labels) {
         let ports = svc
             .spec
             .as_ref()
@@ -295,6 +439,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 fn slice_backings(
     objects: &Objects,
 ) -> (BTreeMap<Key, BTreeMap<String, PortList>>, Vec<ObjectError>) {
+    if objects.endpoint_slices.is_empty() {
+        return Default::default();
+    }
     let mut by_ip: BTreeMap<IpAddr, &Key> = BTreeMap::new();
     for (key, pod) in &objects.pods {
         for ip in pod_ips(pod) {

@@ -154,8 +154,10 @@ fn insert<K: Ord + fmt::Debug, V>(
     Ok(())
 }
 
-/// One document read into its kind's type, not yet in a model.
+/// One document read into its kind's type, not yet in a model. Items live briefly (one
+/// per document while a file is read and cached), so their size differences do not matter.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Item {
     Namespace(String, Namespace),
     Pod(Key, Arc<Pod>),

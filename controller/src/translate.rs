@@ -179,8 +179,11 @@ impl<'a> Policies<'a> {
 /// The Services with a selector, by namespace and one label of their selector (the first),
 /// so that finding the Services of a pod looks at the pod's labels, not at every Service.
 struct ServiceIndex<'a> {
-    by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<(&'a Key, &'a Service)>>,
+    by_label: BTreeMap<LabelKey<'a>, Vec<(&'a Key, &'a Service)>>,
 }
+
+/// (namespace, label key, label value)
+type LabelKey<'a> = (&'a str, &'a str, &'a str);
 
 impl<'a> ServiceIndex<'a> {
     fn new(objects: &'a Objects) -> Self {
@@ -321,8 +324,8 @@ fn workload(objects: &Objects, pod: &Pod, policies: &Policies<'_>) -> Workload {
 
     let ips = pod_ips(pod);
     let (workload_type, workload_name) = owner(pod, &name);
-    let mut authorization_policies = selecting(&policies.authz, &pod_labels, &ns);
-    authorization_policies.extend(policies.peer.policies_for(&ns, &pod_labels));
+    let mut authorization_policies = selecting(&policies.authz, pod_labels, &ns);
+    authorization_policies.extend(policies.peer.policies_for(&ns, pod_labels));
     let ready_false = status
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));

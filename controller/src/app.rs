@@ -303,7 +303,13 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         tokio::spawn(follow_kube(updates, objects.clone(), drain));
     } else if let (Some(source), Source::Dir { config_dir, .. }) = (dir, &cfg.source) {
         let dir = config_dir.clone();
-        tokio::spawn(follow_dir(dir, source, cfg.config_poll, objects.clone(), drain));
+        tokio::spawn(follow_dir(
+            dir,
+            source,
+            cfg.config_poll,
+            objects.clone(),
+            drain,
+        ));
     }
     info!(%grpc, %grpc_tls, %metrics, ca = ?ca_origin, "controller ready");
     Ok(App {

@@ -3,7 +3,9 @@
 //! it lacks, then only what changed or was removed. Responses carry nonces; an ACK or NACK
 //! names one. A NACK is logged and counted and nothing is resent until the resource
 //! changes again: the proxy keeps what it had. A reconnecting proxy states the versions it
-//! holds (`initial_resource_versions`) and receives only the difference.
+//! holds (`initial_resource_versions`) and receives only the difference. A large push (a
+//! new proxy's first, in a large mesh) is cut into several responses, each ACKed on its
+//! own.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;

@@ -106,12 +106,12 @@ impl Objects {
     /// Puts a parsed object into its map; the first definition of a name is kept.
     fn insert(&mut self, item: Item, about: &About) -> Result<(), ObjectError> {
         let placed = match item {
-            Item::Namespace(name, ns) => insert(&mut self.namespaces, name, ns),
+            Item::Namespace(name, ns) => insert(&mut self.namespaces, name, *ns),
             Item::Pod(key, pod) => insert(&mut self.pods, key, pod),
-            Item::Service(key, svc) => insert(&mut self.services, key, svc),
-            Item::ServiceAccount(key, sa) => insert(&mut self.service_accounts, key, sa),
-            Item::EndpointSlice(key, slice) => insert(&mut self.endpoint_slices, key, slice),
-            Item::Custom(kind, key, obj) => insert(self.custom.entry(kind).or_default(), key, obj),
+            Item::Service(key, svc) => insert(&mut self.services, key, *svc),
+            Item::ServiceAccount(key, sa) => insert(&mut self.service_accounts, key, *sa),
+            Item::EndpointSlice(key, slice) => insert(&mut self.endpoint_slices, key, *slice),
+            Item::Custom(kind, key, obj) => insert(self.custom.entry(kind).or_default(), key, *obj),
         };
         placed.map_err(|reason| about.error(reason))
     }
@@ -159,12 +159,12 @@ fn insert<K: Ord + fmt::Debug, V>(
 #[derive(Clone, Debug)]
 #[allow(clippy::large_enum_variant)]
 enum Item {
-    Namespace(String, Namespace),
+    Namespace(String, Box<Namespace>),
     Pod(Key, Arc<Pod>),
-    Service(Key, Service),
-    ServiceAccount(Key, ServiceAccount),
-    EndpointSlice(Key, EndpointSlice),
-    Custom(&'static str, Key, CustomObject),
+    Service(Key, Box<Service>),
+    ServiceAccount(Key, Box<ServiceAccount>),
+    EndpointSlice(Key, Box<EndpointSlice>),
+    Custom(&'static str, Key, Box<CustomObject>),
 }
 
 /// Where a document came from and what it is, for its errors.

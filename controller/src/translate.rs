@@ -84,10 +84,12 @@ fn slice_backings_logged(objects: &Objects) -> BTreeMap<Key, BTreeMap<String, Po
 pub struct AddressCache<V> {
     model: Option<Arc<Objects>>,
     services: Vec<(String, V)>,
-    pods: BTreeMap<Key, CachedWorkload<V>>,
+    /// By pod key, sorted.
+    pods: Vec<(Key, CachedWorkload<V>)>,
 }
 
 struct CachedWorkload<V> {
+    pod: Arc<Pod>,
     uid: String,
     sliced: Option<BTreeMap<String, PortList>>,
     value: V,
@@ -98,7 +100,7 @@ impl<V: Clone> Default for AddressCache<V> {
         AddressCache {
             model: None,
             services: Vec::new(),
-            pods: BTreeMap::new(),
+            pods: Vec::new(),
         }
     }
 }
@@ -111,40 +113,53 @@ impl<V: Clone> AddressCache<V> {
         encode: impl Fn(&Address) -> V,
     ) -> BTreeMap<String, V> {
         let prev = self.model.replace(objects.clone());
-        let prev = prev.filter(|p| same_context(p, objects));
-        if prev.is_none() {
+        if !prev.is_some_and(|p| same_context(&p, objects)) {
             self.services = service_addresses(objects)
                 .map(|(name, a)| (name, encode(&a)))
                 .collect();
             self.pods.clear();
         }
-        let mut out: BTreeMap<_, _> = self.services.iter().cloned().collect();
+        let mut out = Vec::with_capacity(self.services.len() + objects.pods.len());
+        out.extend(self.services.iter().cloned());
         let mut sliced = slice_backings_logged(objects);
         let mut policies = None;
-        let mut pods = BTreeMap::new();
+        // Both sorted by key: one walk pairs each pod with what it was translated to.
+        let mut old = std::mem::take(&mut self.pods).into_iter().peekable();
+        let mut pods = Vec::with_capacity(objects.pods.len());
         for (key, pod) in &objects.pods {
+            while old.next_if(|(k, _)| k < key).is_some() {}
             let sliced = sliced.remove(key);
-            let unchanged = |c: &CachedWorkload<V>| {
-                let before = prev.as_ref().and_then(|p| p.pods.get(key));
-                before.is_some_and(|b| Arc::ptr_eq(b, pod) || **b == **pod) && c.sliced == sliced
-            };
-            let entry = match self.pods.remove(key).filter(unchanged) {
-                Some(cached) => cached,
+            let cached = old.next_if(|(k, _)| k == key).filter(|(_, c)| {
+                (Arc::ptr_eq(&c.pod, pod) || *c.pod == **pod) && c.sliced == sliced
+            });
+            let entry = match cached {
+                Some((key, mut c)) => {
+                    // An equal pod from a new model: keep that one, let the old one go.
+                    c.pod = pod.clone();
+                    (key, c)
+                }
                 None => {
                     let policies = policies.get_or_insert_with(|| Policies::new(objects));
                     let (uid, address) = pod_address(objects, pod, policies, sliced.clone());
-                    CachedWorkload {
-                        uid,
-                        sliced,
-                        value: encode(&address),
-                    }
+                    let value = encode(&address);
+                    let pod = pod.clone();
+                    (
+                        key.clone(),
+                        CachedWorkload {
+                            pod,
+                            uid,
+                            sliced,
+                            value,
+                        },
+                    )
                 }
             };
-            out.insert(entry.uid.clone(), entry.value.clone());
-            pods.insert(key.clone(), entry);
+            out.push((entry.1.uid.clone(), entry.1.value.clone()));
+            pods.push(entry);
         }
         self.pods = pods;
-        out
+        // As inserting one after the other would: a later equal name wins.
+        out.into_iter().collect()
     }
 }
 
@@ -179,11 +194,10 @@ impl<'a> Policies<'a> {
 /// The Services with a selector, by namespace and one label of their selector (the first),
 /// so that finding the Services of a pod looks at the pod's labels, not at every Service.
 struct ServiceIndex<'a> {
-    by_label: BTreeMap<LabelKey<'a>, Vec<(&'a Key, &'a Service)>>,
+    by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<KeyedService<'a>>>,
 }
 
-/// (namespace, label key, label value)
-type LabelKey<'a> = (&'a str, &'a str, &'a str);
+type KeyedService<'a> = (&'a Key, &'a Service);
 
 impl<'a> ServiceIndex<'a> {
     fn new(objects: &'a Objects) -> Self {

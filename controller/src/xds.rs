@@ -3,7 +3,9 @@
 //! it lacks, then only what changed or was removed. Responses carry nonces; an ACK or NACK
 //! names one. A NACK is logged and counted and nothing is resent until the resource
 //! changes again: the proxy keeps what it had. A reconnecting proxy states the versions it
-//! holds (`initial_resource_versions`) and receives only the difference.
+//! holds (`initial_resource_versions`) and receives only the difference. A large push (a
+//! new proxy's first, in a large mesh) is cut into several responses, each ACKed on its
+//! own.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
@@ -27,11 +29,12 @@ use tracing::{debug, info, warn};
 
 pub mod status;
 
-/// One resource as served: its version and its encoded form.
+/// One resource as served: its version and its encoded form (shared by the snapshots
+/// and pushes that carry it, copied only into a response being written).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Served {
     pub version: String,
-    pub resource: prost_types::Any,
+    pub resource: Arc<prost_types::Any>,
 }
 
 /// The resources of one type, by name.
@@ -67,10 +70,10 @@ impl Served {
         let value = message.encode_to_vec();
         Served {
             version: version_of(&value),
-            resource: prost_types::Any {
+            resource: Arc::new(prost_types::Any {
                 type_url: type_url.to_owned(),
                 value,
-            },
+            }),
         }
     }
 
@@ -78,7 +81,7 @@ impl Served {
         Resource {
             name: name.to_owned(),
             version: self.version.clone(),
-            resource: Some(self.resource.clone()),
+            resource: Some(prost_types::Any::clone(&self.resource)),
             ..Default::default()
         }
     }
@@ -134,16 +137,75 @@ impl XdsMetrics {
     }
 }
 
-/// What changed between two versions of one type's resources.
-#[derive(Debug, Default)]
+/// What changed between two versions of one type's resources, and where it is cut into
+/// responses.
+#[derive(Debug)]
 struct Delta {
-    resources: Vec<Resource>,
+    resources: Vec<(String, Served)>,
     removed: Vec<String>,
+    /// The end (in `resources`) of each response; the removals go with the first.
+    ends: Vec<usize>,
 }
+
+impl Default for Delta {
+    fn default() -> Self {
+        Delta {
+            resources: Vec::new(),
+            removed: Vec::new(),
+            ends: vec![0],
+        }
+    }
+}
+
+/// Encoded resources per response, past which a push is cut into several (the initial
+/// push of a large mesh): each stream then holds one such response at a time while it is
+/// encoded and written, rather than the whole push.
+const RESPONSE_BYTES: usize = 128 << 10;
 
 impl Delta {
     fn is_empty(&self) -> bool {
         self.resources.is_empty() && self.removed.is_empty()
+    }
+
+    /// Cuts the resources into responses of at most [`RESPONSE_BYTES`] (or one resource).
+    fn cut(mut self) -> Delta {
+        self.ends.clear();
+        let mut bytes = 0;
+        for (i, (name, r)) in self.resources.iter().enumerate() {
+            // Near enough: the fields' bytes, and some for their tags and lengths.
+            let len = name.len()
+                + r.version.len()
+                + r.resource.type_url.len()
+                + r.resource.value.len()
+                + 16;
+            if bytes > 0 && bytes + len > RESPONSE_BYTES {
+                self.ends.push(i);
+                bytes = 0;
+            }
+            bytes += len;
+        }
+        self.ends.push(self.resources.len());
+        self
+    }
+
+    /// Response `i` of the push (`None` past the last).
+    fn response(&self, i: usize, type_url: &str, nonce: String) -> Option<DeltaDiscoveryResponse> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(DeltaDiscoveryResponse {
+            type_url: type_url.to_owned(),
+            resources: self.resources[start..end]
+                .iter()
+                .map(|(name, r)| r.to_resource(name))
+                .collect(),
+            removed_resources: if i == 0 {
+                self.removed.clone()
+            } else {
+                Vec::new()
+            },
+            nonce,
+            ..Default::default()
+        })
     }
 
     /// Merge walk of two sorted maps.
@@ -152,13 +214,13 @@ impl Delta {
         let (mut old, mut new) = (from.iter().peekable(), to.iter().peekable());
         loop {
             match (old.peek(), new.peek()) {
-                (None, None) => return delta,
+                (None, None) => return delta.cut(),
                 (Some((name, _)), None) => {
                     delta.removed.push((*name).clone());
                     old.next();
                 }
                 (None, Some((name, s))) => {
-                    delta.resources.push(s.to_resource(name));
+                    delta.resources.push(((*name).clone(), (*s).clone()));
                     new.next();
                 }
                 (Some((o, os)), Some((n, ns))) => match o.cmp(n) {
@@ -167,12 +229,12 @@ impl Delta {
                         old.next();
                     }
                     std::cmp::Ordering::Greater => {
-                        delta.resources.push(ns.to_resource(n));
+                        delta.resources.push(((*n).clone(), (*ns).clone()));
                         new.next();
                     }
                     std::cmp::Ordering::Equal => {
                         if os.version != ns.version {
-                            delta.resources.push(ns.to_resource(n));
+                            delta.resources.push(((*n).clone(), (*ns).clone()));
                         }
                         old.next();
                         new.next();
@@ -188,14 +250,16 @@ impl Delta {
             resources: to
                 .iter()
                 .filter(|(name, s)| held.get(*name) != Some(&s.version))
-                .map(|(name, s)| s.to_resource(name))
+                .map(|(name, s)| (name.clone(), s.clone()))
                 .collect(),
             removed: held
                 .keys()
                 .filter(|name| !to.contains_key(*name))
                 .cloned()
                 .collect(),
+            ends: Vec::new(),
         }
+        .cut()
     }
 }
 
@@ -302,8 +366,53 @@ struct Subscription {
     answered: bool,
 }
 
-/// A response and, for pushes caused by a model change, when that change was seen.
-type Outgoing = (DeltaDiscoveryResponse, Option<Instant>);
+/// A push of one type waiting for the transport, which turns it into responses one at a
+/// time as it writes them; for pushes caused by a model change, when that change was seen.
+struct Outgoing {
+    node: String,
+    /// What the proxy holds once it has taken every response of this push.
+    held: Arc<Resources>,
+    recorder: status::SentRecorder,
+    type_url: String,
+    delta: Arc<Delta>,
+    changed: Option<Instant>,
+}
+
+/// The responses of one push, made as the transport asks for them.
+struct Responses {
+    push: Outgoing,
+    next: usize,
+    shared: Arc<Shared>,
+    metrics: XdsMetrics,
+}
+
+impl Iterator for Responses {
+    type Item = Result<DeltaDiscoveryResponse, Status>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let push = &self.push;
+        if self.next == push.delta.ends.len() {
+            return None;
+        }
+        let nonce = self.shared.nonces.fetch_add(1, Ordering::Relaxed);
+        let resp = push
+            .delta
+            .response(self.next, &push.type_url, nonce.to_string())?;
+        self.next += 1;
+        push.recorder
+            .sent(&push.type_url, &nonce.to_string(), &push.held);
+        debug!(node = %push.node, type_url = %push.type_url, changed = resp.resources.len(),
+               removed = resp.removed_resources.len(), %nonce, "push");
+        self.metrics.pushes.inc();
+        // Timed when the transport takes the response to write it.
+        if let Some(changed) = push.changed {
+            self.metrics
+                .push_time
+                .observe(changed.elapsed().as_secs_f64());
+        }
+        Some(Ok(resp))
+    }
+}
 
 struct Stream_ {
     node: String,
@@ -368,22 +477,15 @@ impl Stream_ {
             return true;
         }
         sub.answered = true;
-        let nonce = self
-            .shared
-            .nonces
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string();
-        debug!(node = %self.node, type_url, changed = delta.resources.len(), removed = delta.removed.len(), %nonce, "push");
-        self.metrics.pushes.inc();
-        self.status.sent(type_url, &nonce, &current);
-        let resp = DeltaDiscoveryResponse {
+        let push = Outgoing {
+            node: self.node.clone(),
+            held: current.clone(),
+            recorder: self.status.recorder(),
             type_url: type_url.to_owned(),
-            resources: delta.resources.clone(),
-            removed_resources: delta.removed.clone(),
-            nonce,
-            ..Default::default()
+            delta,
+            changed,
         };
-        self.out.try_send((resp, changed)).is_ok()
+        self.out.try_send(push).is_ok()
     }
 }
 
@@ -433,13 +535,14 @@ impl AggregatedDiscoveryService for XdsServer {
             info!(node = %stream.node, "xDS client disconnected");
             metrics.connected.dec();
         });
-        // Timed when the transport takes the response to write it.
-        let push_time = self.metrics.push_time.clone();
-        let out = ReceiverStream::new(rx).map(move |(resp, changed)| {
-            if let Some(changed) = changed {
-                push_time.observe(changed.elapsed().as_secs_f64());
-            }
-            Ok(resp)
+        let (shared, metrics) = (self.shared.clone(), self.metrics.clone());
+        let out = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), move |push| {
+            futures_util::stream::iter(Responses {
+                push,
+                next: 0,
+                shared: shared.clone(),
+                metrics: metrics.clone(),
+            })
         });
         Ok(Response::new(Box::pin(out) as ResponseStream))
     }

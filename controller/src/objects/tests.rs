@@ -167,3 +167,62 @@ fn malformed_objects_are_named_and_skipped() {
         "the first definition is kept"
     );
 }
+
+/// A followed directory: each load gives exactly what reading it afresh gives, reading
+/// only the files that changed or appeared.
+#[test]
+fn a_followed_directory_rereads_only_what_changed() {
+    let dir = std::env::temp_dir().join(format!("objects-follow-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    fs::write(dir.join("b-app.yaml"), APP).unwrap();
+    fs::write(dir.join("sub/policy.yml"), POLICY).unwrap();
+    let mut source = DirSource::new(&dir, "cluster.local");
+    let mut step = |reread: usize, what: &str| {
+        let got = source.load().unwrap();
+        assert_eq!(source.reread(), reread, "{what}: files read");
+        let fresh = load_dir(&dir, "cluster.local").unwrap();
+        assert_eq!(format!("{got:?}"), format!("{fresh:?}"), "{what}");
+        got
+    };
+    let (objects, errors) = step(2, "first load");
+    assert!(errors.is_empty() && objects.pods.len() == 2, "{errors:?}");
+    step(0, "nothing changed");
+
+    // An earlier file now defines echo too: the later definition is the duplicate.
+    fs::write(dir.join("a-broken.yaml"), BROKEN).unwrap();
+    let (objects, errors) = step(1, "a file added");
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.contains("b-app.yaml (document 5): Service default/echo: defined twice")),
+        "{shown:#?}"
+    );
+    let echo = &objects.services[&("default".to_owned(), "echo".to_owned())];
+    let port = echo.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+    assert_eq!(port, 81, "the first file's definition is kept");
+
+    fs::write(dir.join("b-app.yaml"), APP.replace("10.0.1.5", "10.0.1.99")).unwrap();
+    let (objects, _) = step(1, "a file changed");
+    let echo_1 = &objects.pods[&("default".to_owned(), "echo-1".to_owned())];
+    let ip = echo_1.status.as_ref().unwrap().pod_ip.as_deref();
+    assert_eq!(ip, Some("10.0.1.99"));
+
+    fs::remove_file(dir.join("a-broken.yaml")).unwrap();
+    let (objects, errors) = step(0, "a file removed");
+    assert!(errors.is_empty(), "{errors:?}");
+    let echo = &objects.services[&("default".to_owned(), "echo".to_owned())];
+    assert_eq!(
+        echo.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+        80
+    );
+
+    // An unreadable directory fails the load and leaves what was read.
+    fs::rename(&dir, dir.with_extension("moved")).unwrap();
+    assert!(source.load().is_err());
+    fs::rename(dir.with_extension("moved"), &dir).unwrap();
+    let (objects, _) = source.load().unwrap();
+    assert_eq!((source.reread(), objects.pods.len()), (0, 2));
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -403,3 +403,54 @@ fn selectorless_services_take_endpoints_from_slices() {
         .contains_key("shop/web.shop.svc.cluster.local"));
     insta::assert_debug_snapshot!(old.services);
 }
+
+/// The cache gives what a full translation gives, model after model, and translates
+/// again only the pods that changed while nothing else did.
+#[test]
+fn address_cache_matches_full_translation_and_reuses_unchanged_pods() {
+    let model = |extra: &[&str]| {
+        let mut objects = Objects::new("cluster.local");
+        for (i, text) in extra.iter().enumerate() {
+            assert_eq!(objects.add_documents(text, &format!("part {i}")), vec![]);
+        }
+        Arc::new(objects)
+    };
+    let relabelled = CLUSTER.replace("labels: {app: old}", "labels: {app: old, tier: db}");
+    let ambient = relabelled.replace(
+        "metadata: {name: legacy}",
+        "metadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}",
+    );
+    let steps: [(&str, Arc<Objects>, Option<usize>); 7] = [
+        ("first", model(&[CLUSTER]), Some(6)),
+        ("one pod relabelled", model(&[&relabelled]), Some(1)),
+        ("equal model, new objects", model(&[&relabelled]), Some(0)),
+        ("a policy added", model(&[&relabelled, POLICIES]), None),
+        (
+            "slices added",
+            model(&[&relabelled, POLICIES, SELECTORLESS]),
+            None,
+        ),
+        (
+            "namespace enrolled",
+            model(&[&ambient, POLICIES, SELECTORLESS]),
+            None,
+        ),
+        (
+            "unchanged",
+            model(&[&ambient, POLICIES, SELECTORLESS]),
+            Some(0),
+        ),
+    ];
+    let mut cache = AddressCache::default();
+    for (what, objects, translated) in steps {
+        let count = std::cell::Cell::new(0);
+        let got = cache.addresses(&objects, |a| {
+            count.set(count.get() + 1);
+            a.clone()
+        });
+        assert_eq!(got, addresses(&objects), "{what}");
+        if let Some(n) = translated {
+            assert_eq!(count.get(), n, "{what}: resources translated");
+        }
+    }
+}

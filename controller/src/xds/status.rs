@@ -162,7 +162,22 @@ impl Tracked {
 
     /// Notes a response sent with `nonce`, after which the proxy holds `held`.
     pub fn sent(&self, type_url: &str, nonce: &str, held: &Arc<Resources>) {
-        let mut state = lock(&self.state);
+        self.recorder().sent(type_url, nonce, held)
+    }
+
+    /// A handle that records responses as the transport writes them.
+    pub fn recorder(&self) -> SentRecorder {
+        SentRecorder(self.state.clone())
+    }
+}
+
+/// Records pushed responses into one stream's entry (see [`Tracked::recorder`]).
+#[derive(Clone)]
+pub struct SentRecorder(Arc<Mutex<StreamState>>);
+
+impl SentRecorder {
+    pub fn sent(&self, type_url: &str, nonce: &str, held: &Arc<Resources>) {
+        let mut state = lock(&self.0);
         let t = state.types.entry(type_url.to_owned()).or_default();
         if t.pending.len() == PENDING_KEPT {
             t.pending.pop_front();

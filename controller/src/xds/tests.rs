@@ -218,3 +218,33 @@ async fn clients_with_different_progress_each_get_what_they_lack() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(metrics.connected(), 1, "a closed stream is forgotten");
 }
+
+#[tokio::test]
+async fn a_large_push_comes_in_responses_of_bounded_size() {
+    let uids: Vec<String> = (0..3000).map(|i| format!("workload-{i:05}")).collect();
+    let items: Vec<(&str, &str)> = uids.iter().map(|u| (u.as_str(), "n1")).collect();
+    let (addr, push, _metrics) = serve(snapshot(&items)).await;
+    let mut c = Client::connect(addr, BTreeMap::new()).await;
+    let (mut got, mut responses) = (Vec::new(), 0);
+    while got.len() < uids.len() {
+        let r = c.recv().await;
+        let size = prost::Message::encoded_len(&r);
+        assert!(size <= RESPONSE_BYTES + 1024, "a response of {size} bytes");
+        got.extend(names(&r));
+        responses += 1;
+        c.ack(&r).await;
+    }
+    assert!(responses > 1, "{responses} response(s)");
+    got.sort();
+    assert_eq!(got, uids, "each resource sent once");
+    c.silent().await;
+
+    // What follows is a delta as usual.
+    let mut next = items.clone();
+    next[7].1 = "n2";
+    next.remove(9);
+    push.send(snapshot(&next)).unwrap();
+    let delta = c.recv().await;
+    assert_eq!(names(&delta), set(&["workload-00007"]));
+    assert_eq!(delta.removed_resources, vec!["workload-00009".to_owned()]);
+}

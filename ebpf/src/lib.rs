@@ -117,6 +117,12 @@ pub enum Error {
     /// A map or program the object should contain is missing or of another type.
     #[error("eBPF object has no usable {name}: {reason}")]
     Missing { name: &'static str, reason: String },
+    /// A listener is not an IPv4 TCP socket listening with `IP_TRANSPARENT`.
+    #[error("the {which} listener {problem}: it must be an IPv4 TCP socket listening with IP_TRANSPARENT")]
+    BadListener {
+        which: &'static str,
+        problem: &'static str,
+    },
     /// A listener could not be put into the sockmap.
     #[error(
         "placing the {which} listener in the sockmap (it must be a listening TCP socket): {source}"
@@ -185,6 +191,7 @@ impl Redirector {
                 "inbound plaintext",
             ),
         ] {
+            check_listener(fd, which)?;
             sockets
                 .set(slot as u32, &fd, 0)
                 .map_err(|source| Error::Listener { which, source })?;
@@ -342,6 +349,25 @@ where
         .take_map(name)
         .ok_or_else(|| missing("no such map".into()))?;
     T::try_from(map).map_err(|e| missing(e.to_string()))
+}
+
+/// Refuses a socket the program could steer to but that could not answer: without
+/// `IP_TRANSPARENT` it cannot reply from the original destination's address.
+fn check_listener(fd: BorrowedFd<'_>, which: &'static str) -> Result<(), Error> {
+    use socket2::{Domain, SockRef, Type};
+    let socket = SockRef::from(&fd);
+    let problem = if socket.domain().ok() != Some(Domain::IPV4) {
+        "is not an IPv4 socket"
+    } else if socket.r#type().ok() != Some(Type::STREAM) {
+        "is not a TCP socket"
+    } else if !socket.is_listener().unwrap_or(false) {
+        "is not listening"
+    } else if !socket.ip_transparent_v4().unwrap_or(false) {
+        "lacks IP_TRANSPARENT"
+    } else {
+        return Ok(());
+    };
+    Err(Error::BadListener { which, problem })
 }
 
 /// Turns aya's load errors into the failure kinds callers act on: permission, verifier

@@ -337,37 +337,33 @@ fn netns_ebpf_detach_and_drop_stop_capture() {
 fn netns_ebpf_errors_name_the_problem() {
     run_isolated("netns_ebpf_errors_name_the_problem", || async {
         let listener = transparent_listener(OUTBOUND);
-        let not_listening = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let err = Redirector::load(
-            Listeners {
-                outbound: listener.as_fd(),
-                inbound_hbone: not_listening.as_fd(),
-                inbound_plaintext: listener.as_fd(),
-            },
-            MARK,
-        )
-        .err()
-        .expect("a UDP socket is no listener");
-        assert!(
-            matches!(
-                err,
-                mesh_ebpf::Error::Listener {
-                    which: "inbound HBONE",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let load_with = |hbone: std::os::fd::BorrowedFd<'_>| {
+            Redirector::load(
+                Listeners {
+                    outbound: listener.as_fd(),
+                    inbound_hbone: hbone,
+                    inbound_plaintext: listener.as_fd(),
+                },
+                MARK,
+            )
+        };
+        for (fd, problem) in [
+            (udp.as_fd(), "is not a TCP socket"),
+            (plain.as_fd(), "lacks IP_TRANSPARENT"),
+        ] {
+            let err = load_with(fd).err().expect("a listener ztunnel cannot use");
+            assert!(
+                matches!(
+                    err,
+                    mesh_ebpf::Error::BadListener { which: "inbound HBONE", problem: p } if p == problem
+                ),
+                "{err}"
+            );
+        }
 
-        let mut redirector = Redirector::load(
-            Listeners {
-                outbound: listener.as_fd(),
-                inbound_hbone: listener.as_fd(),
-                inbound_plaintext: listener.as_fd(),
-            },
-            MARK,
-        )
-        .unwrap();
+        let mut redirector = load_with(listener.as_fd()).unwrap();
         let err = redirector.attach(9999, Role::Ingress).unwrap_err();
         assert!(
             matches!(err, mesh_ebpf::Error::Interface { ifindex: 9999, .. }),

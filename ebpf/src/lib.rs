@@ -419,3 +419,9 @@ fn interface_name(ifindex: u32) -> Result<String, Error> {
     let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
     Ok(name.to_string_lossy().into_owned())
 }
+
+// ztunnel keeps the redirector in its async wiring: it must move between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Redirector>();
+};

@@ -50,6 +50,12 @@ fn node_routing() {
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
 }
 
+/// The node's routing and `N` pods attached to it.
+fn node_with_pods<const N: usize>() -> [Pod; N] {
+    node_routing();
+    std::array::from_fn(|n| Pod::add(n as u8))
+}
+
 /// A pod: a network namespace with `eth0`, a /32 address and a default route via the
 /// node-side veth. Dropping it deletes the namespace and with it the veth pair.
 struct Pod {
@@ -233,8 +239,7 @@ fn netns_ebpf_ambient_pod_outbound_keeps_original_destination() {
     run_isolated(
         "netns_ebpf_ambient_pod_outbound_keeps_original_destination",
         || async {
-            node_routing();
-            let pod = Pod::add(0);
+            let [pod] = node_with_pods();
             let mut redirector = load_redirector();
             redirector.attach(pod.ifindex, Role::AmbientPod).unwrap();
             assert_eq!(redirector.attached(), vec![(pod.ifindex, Role::AmbientPod)]);
@@ -252,10 +257,7 @@ fn netns_ebpf_ingress_steers_local_ambient_pods_only() {
     run_isolated(
         "netns_ebpf_ingress_steers_local_ambient_pods_only",
         || async {
-            node_routing();
-            let client = Pod::add(0);
-            let ambient = Pod::add(1);
-            let outside = Pod::add(2);
+            let [client, ambient, outside] = node_with_pods();
             outside.serve(8080, "outside");
             let mut redirector = load_redirector();
             redirector.attach(client.ifindex, Role::Ingress).unwrap();
@@ -280,9 +282,7 @@ fn netns_ebpf_ingress_steers_local_ambient_pods_only() {
 #[test]
 fn netns_ebpf_transparent_socket_gets_replies() {
     run_isolated("netns_ebpf_transparent_socket_gets_replies", || async {
-        node_routing();
-        let server = Pod::add(0);
-        let other = Pod::add(1);
+        let [server, other] = node_with_pods();
         server.serve(8080, "server");
         let mut redirector = load_redirector();
         redirector.attach(server.ifindex, Role::AmbientPod).unwrap();
@@ -303,9 +303,7 @@ fn netns_ebpf_transparent_socket_gets_replies() {
 #[test]
 fn netns_ebpf_detach_and_drop_stop_capture() {
     run_isolated("netns_ebpf_detach_and_drop_stop_capture", || async {
-        node_routing();
-        let client = Pod::add(0);
-        let server = Pod::add(1);
+        let [client, server] = node_with_pods();
         server.serve(8080, "server");
         let dst = server.addr(8080);
         let captured = format!("outbound {dst}");

@@ -369,5 +369,13 @@ fn netns_ebpf_errors_name_the_problem() {
         );
         assert_eq!(redirector.attached(), vec![]);
         redirector.detach(9999).unwrap();
+
+        // A pod deleted before its interface is detached: the link died with the veth.
+        let [pod] = node_with_pods();
+        redirector.attach(pod.ifindex, Role::AmbientPod).unwrap();
+        let ifindex = pod.ifindex;
+        drop(pod);
+        redirector.detach(ifindex).unwrap();
+        assert_eq!(redirector.attached(), vec![]);
     });
 }

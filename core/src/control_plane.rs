@@ -14,6 +14,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::tls::{pem, provider};
 
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 1 << 20;
+
 /// The controller's serving name when its address is an IP (as istiod's is).
 pub const DEFAULT_SERVER_NAME: &str = "istiod.istio-system.svc";
 
@@ -109,6 +113,11 @@ impl ControlPlane {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
+            // A full push of a large mesh is megabytes: let it come in large frames
+            // without waiting on window updates (the sizes HBONE uses).
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
     }
 
     /// Dials TCP and completes TLS, verifying the controller; `None` for plaintext.

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use mesh_core::control_plane::ControlPlane;
 use mesh_core::proto::envoy::config::core::v3::Node;
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_core::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -390,7 +391,12 @@ async fn run_client(
         if !synced {
             bytes += resp.encoded_len();
         }
-        let names: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
+        // Only pushes after the sync are matched against changes by name.
+        let names: Vec<String> = if synced {
+            resp.resources.iter().map(|r| r.name.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let of_type = held.entry(resp.type_url.clone()).or_default();
         for r in resp.resources {
             of_type.insert(r.name, r.version);
@@ -461,10 +467,10 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut channels = Vec::new();
     for _ in 0..plan.clients {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", controller.grpc))?;
+        // The transport settings a ztunnel uses.
+        let plane = ControlPlane::new(&format!("http://{}", controller.grpc), None, None)?;
         channels.push(
-            endpoint
+            plane
                 .connect()
                 .await
                 .context("connecting to the controller")?,

@@ -4,9 +4,11 @@
 set -euo pipefail
 
 need=()
-for tool in curl:curl openssl:openssl ip:iproute2 iptables:iptables unshare:util-linux protoc:protobuf-compiler; do
+for tool in curl:curl openssl:openssl ip:iproute2 iptables:iptables unshare:util-linux protoc:protobuf-compiler clang:clang; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
+# libbpf's headers, for the eBPF programs mesh-ebpf compiles with clang.
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -193,6 +193,7 @@ impl Delta {
         let end = *self.ends.get(i)?;
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         Some(DeltaDiscoveryResponse {
+            system_version_info: mesh_core::xds::part_marker(i, self.ends.len()),
             type_url: type_url.to_owned(),
             resources: self.resources[start..end]
                 .iter()

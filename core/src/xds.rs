@@ -6,6 +6,11 @@
 //! survive a lost stream and are sent as `initial_resource_versions` on reconnect, so the
 //! controller sends only the difference. Reconnects back off exponentially with jitter;
 //! the handler's state is never cleared by a disconnect.
+//!
+//! A large push may come as several responses (the controller cuts them to bound its
+//! memory); every part but the last says so in `system_version_info` ([`part_marker`]),
+//! and a type counts as synced only once the last part is accepted. A server that never
+//! cuts (istiod) sends no marker: each of its responses is complete.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -65,7 +70,7 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct XdsStatus {
     pub connected: bool,
-    /// Types for which at least one response was accepted since start.
+    /// Types for which at least one complete push was accepted since start.
     pub synced: BTreeSet<String>,
     /// Accepted responses.
     pub acks: u64,
@@ -200,8 +205,10 @@ impl<H: Handler> XdsClient<H> {
             resources,
             removed_resources,
             nonce,
+            system_version_info,
             ..
         } = resp;
+        let more_to_come = is_partial(&system_version_info);
         let mut reply = DeltaDiscoveryRequest {
             type_url: type_url.clone(),
             response_nonce: nonce.clone(),
@@ -218,7 +225,9 @@ impl<H: Handler> XdsClient<H> {
                 debug!(%type_url, %nonce, updated = resources.len(), removed = removed_resources.len(), "xDS ACK");
                 self.status.send_modify(|s| {
                     s.acks += 1;
-                    s.synced.insert(type_url.clone());
+                    if !more_to_come {
+                        s.synced.insert(type_url.clone());
+                    }
                     let held = s.versions.entry(type_url.clone()).or_default();
                     for name in &removed_resources {
                         held.remove(name);
@@ -242,6 +251,27 @@ impl<H: Handler> XdsClient<H> {
     }
 }
 
+/// What part `part` (from 0) of a push cut into `parts` responses says in
+/// `system_version_info`: `"part 1/3"` and so on; empty for a push sent whole.
+pub fn part_marker(part: usize, parts: usize) -> String {
+    if parts <= 1 {
+        String::new()
+    } else {
+        format!("part {}/{parts}", part + 1)
+    }
+}
+
+/// Whether a response says more parts of its push follow (see [`part_marker`]).
+pub fn is_partial(system_version_info: &str) -> bool {
+    let Some((part, parts)) = system_version_info
+        .strip_prefix("part ")
+        .and_then(|p| p.split_once('/'))
+    else {
+        return false;
+    };
+    matches!((part.parse::<usize>(), parts.parse::<usize>()), (Ok(a), Ok(b)) if a < b)
+}
+
 /// `authorization` metadata for a bearer token; `None` if the token cannot be a header.
 pub fn bearer(token: &str) -> Option<tonic::metadata::AsciiMetadataValue> {
     format!("Bearer {token}").parse().ok()
@@ -253,15 +283,4 @@ fn jitter(base: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_half_either_side() {
-        let base = Duration::from_millis(1000);
-        for _ in 0..1000 {
-            let j = jitter(base);
-            assert!(j >= Duration::from_millis(500) && j < Duration::from_millis(1500));
-        }
-    }
-}
+mod tests;

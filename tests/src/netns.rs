@@ -2,8 +2,23 @@
 //! traffic) run in a network namespace of their own: the test re-runs its own binary under
 //! `unshare --net`, so its rules and addresses exist only there and vanish with it.
 //!
+//! Tests of whole nodes build a [`Topology`]: a fabric, nodes and pods as named network
+//! namespaces (`/run/netns`, global whether or not the caller is isolated), wired with
+//! veth pairs; [`Netns`] runs commands, child processes and threads inside one.
+//!
 //! Root only. These tests are named `netns_*` and fail without root; a caller without root
 //! skips them by name: `cargo nextest run -E 'not test(/^netns_/)'`.
+
+mod names;
+mod ns;
+mod topology;
+
+pub use names::{sweep_leftovers, PREFIX};
+pub use ns::{Netns, NETNS_DIR};
+pub use topology::{
+    node_ip, pod_cidr, pod_ip, Fabric, Node, NodeSpec, Pod, PodSpec, Topology, FABRIC_IP,
+    POD_GATEWAY,
+};
 
 use std::future::Future;
 use std::process::Command;
@@ -78,7 +93,7 @@ pub fn nat_output(rule: &str) {
     run("iptables", &args);
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -225,16 +225,20 @@ async fn a_large_push_comes_in_responses_of_bounded_size() {
     let items: Vec<(&str, &str)> = uids.iter().map(|u| (u.as_str(), "n1")).collect();
     let (addr, push, _metrics) = serve(snapshot(&items)).await;
     let mut c = Client::connect(addr, BTreeMap::new()).await;
-    let (mut got, mut responses) = (Vec::new(), 0);
+    let (mut got, mut partial) = (Vec::new(), Vec::new());
     while got.len() < uids.len() {
         let r = c.recv().await;
         let size = prost::Message::encoded_len(&r);
         assert!(size <= RESPONSE_BYTES + 1024, "a response of {size} bytes");
         got.extend(names(&r));
-        responses += 1;
+        partial.push(mesh_core::xds::is_partial(&r.system_version_info));
         c.ack(&r).await;
     }
-    assert!(responses > 1, "{responses} response(s)");
+    assert!(partial.len() > 1, "{} response(s)", partial.len());
+    // Every part but the last says more follow, so a proxy knows when it has it all.
+    let last = partial.pop();
+    assert_eq!(last, Some(false));
+    assert!(partial.iter().all(|p| *p), "{partial:?}");
     got.sort();
     assert_eq!(got, uids, "each resource sent once");
     c.silent().await;
@@ -245,6 +249,7 @@ async fn a_large_push_comes_in_responses_of_bounded_size() {
     next.remove(9);
     push.send(snapshot(&next)).unwrap();
     let delta = c.recv().await;
+    assert_eq!(delta.system_version_info, "", "a small push is whole");
     assert_eq!(names(&delta), set(&["workload-00007"]));
     assert_eq!(delta.removed_resources, vec!["workload-00009".to_owned()]);
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use mesh_core::tls::CertificateAuthority;
 use mesh_tests::bench::process::{workspace_binary, ChildGuard, Spawn, Stdout};
+use mesh_tests::clients::curl;
 use mesh_tests::netns::{run_isolated, Netns, Node, NodeSpec, Pod, PodSpec, Topology};
 use serde_json::Value;
 
@@ -156,18 +157,7 @@ fn peer_server(topo: &Topology, pod: &Pod) -> ChildGuard {
 
 /// curl from `from` to the peer server in `to`: the address the server saw.
 fn seen_by_server(from: &Netns, to: &Pod) -> String {
-    let url = format!("http://{}:{SERVER_PORT}/", to.ip);
-    let out = (from.command("curl"))
-        .args(["-sS", "--max-time", "10", &url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {url} from {}: {}",
-        from.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    curl(from, &format!("http://{}:{SERVER_PORT}/", to.ip))
 }
 
 /// The first access-log record of `zt` that `pred` accepts (waits up to 10 s: a record is
@@ -246,24 +236,24 @@ fn topology() -> Topology {
     ])
 }
 
-#[test]
-fn netns_capture_ambient_pods_across_nodes() {
-    run_isolated("netns_capture_ambient_pods_across_nodes", || async {
+/// Runs `ambient_to_ambient` from `from` to `to` as test `name`.
+fn ambient_pair(name: &str, from: &'static str, to: &'static str) {
+    run_isolated(name, || async move {
         let topo = topology();
         let zts = start_all(&topo);
-        ambient_to_ambient(&topo, &zts, "a", "b");
+        ambient_to_ambient(&topo, &zts, from, to);
         zts.into_iter().for_each(stop);
     });
 }
 
 #[test]
+fn netns_capture_ambient_pods_across_nodes() {
+    ambient_pair("netns_capture_ambient_pods_across_nodes", "a", "b");
+}
+
+#[test]
 fn netns_capture_ambient_pods_on_one_node() {
-    run_isolated("netns_capture_ambient_pods_on_one_node", || async {
-        let topo = topology();
-        let zts = start_all(&topo);
-        ambient_to_ambient(&topo, &zts, "a", "c");
-        zts.into_iter().for_each(stop);
-    });
+    ambient_pair("netns_capture_ambient_pods_on_one_node", "a", "c");
 }
 
 /// A pod outside the mesh reaching an ambient pod is captured on the way in (uplink or

@@ -75,6 +75,18 @@ pub async fn connect_marked(
     addr: SocketAddr,
     mark: Option<u32>,
 ) -> std::io::Result<tokio::net::TcpStream> {
+    connect_marked_from(addr, mark, None).await
+}
+
+/// As [`connect_marked`], and when `transparent_src` is given the socket is bound to that
+/// address (any port) with IP_TRANSPARENT, so the destination sees the original client's
+/// address rather than the proxy's: a node proxy delivering captured traffic does this, as
+/// Istio's does. Needs CAP_NET_ADMIN and routing that brings the replies back.
+pub async fn connect_marked_from(
+    addr: SocketAddr,
+    mark: Option<u32>,
+    transparent_src: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -82,6 +94,14 @@ pub async fn connect_marked(
     };
     if let Some(mark) = mark {
         socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    if let Some(src) = transparent_src {
+        let sock = socket2::SockRef::from(&socket);
+        match src {
+            std::net::IpAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+            std::net::IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
+        }
+        socket.bind(SocketAddr::new(src, 0))?;
     }
     let tcp = socket.connect(addr).await?;
     tcp.set_nodelay(true)?;

@@ -2,6 +2,7 @@
 //! processes, and the `mesh-bench` benchmarks. Nothing here is shipped.
 
 pub mod bench;
+pub mod clients;
 pub mod controlled;
 pub mod harness;
 pub mod netns;

@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use mesh_core::testing::echo_server;
 use mesh_tests::bench::process::{ChildGuard, Spawn, Stdout};
+use mesh_tests::clients::curl;
 use mesh_tests::harness::echo_roundtrip;
-use mesh_tests::netns::{
-    is_root, run_isolated, Netns, NodeSpec, Pod, PodSpec, Topology, NETNS_DIR,
-};
+use mesh_tests::netns::{is_root, run_isolated, NodeSpec, Pod, PodSpec, Topology, NETNS_DIR};
 use tokio::net::{TcpListener, TcpStream};
 
 fn two_nodes() -> Topology {
@@ -52,22 +51,6 @@ fn http_server(topo: &Topology, pod: &Pod) -> ChildGuard {
         "http.server",
     );
     server
-}
-
-/// `curl` run in `from`; returns the body.
-fn curl(from: &Netns, url: &str) -> String {
-    let out = from
-        .command("curl")
-        .args(["-sS", "--max-time", "5", url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {url} from {}: {}",
-        from.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Curl from pod `a` to an http.server in `to`; the server must log `a`'s own address.

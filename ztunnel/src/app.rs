@@ -21,8 +21,10 @@ use mesh_core::ca_client::CaClient;
 use mesh_core::control_plane::ControlPlane;
 use mesh_core::proto::type_url;
 use mesh_core::xds::{XdsClient, XdsConfig, XdsStatus};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::capture::{self, Capture, CaptureDump, CaptureMetrics};
 use crate::certs::{CertManager, Issuer};
 use crate::config::{Config, Source};
 use crate::inbound::{self, HboneListeners};
@@ -36,6 +38,9 @@ use crate::xds::XdsConfigHandler;
 /// How long applying a config waits for certificates of new workloads before going on
 /// (the rest are retried every second).
 const CERT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How often capture looks again for pods whose interface was not there yet.
+const CAPTURE_REFRESH: Duration = Duration::from_secs(2);
 
 /// A new config, the objects that were left out of it, and its sequence number.
 type Update = (Snapshot, Vec<String>, u64);
@@ -58,6 +63,8 @@ impl Updates {
 #[derive(Clone, Debug, Serialize)]
 pub struct Bound {
     pub outbound: SocketAddr,
+    /// The wildcard HBONE listener, in capture modes.
+    pub hbone: Option<SocketAddr>,
     pub inbound_plaintext: SocketAddr,
     pub socks5: SocketAddr,
     pub admin: SocketAddr,
@@ -95,6 +102,13 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
             true,
         )),
     };
+    let mut cfg = cfg;
+    if cfg.capture.is_active() && cfg.hbone.socket_mark.is_none() {
+        cfg.hbone.socket_mark = Some(capture::DEFAULT_SOCKET_MARK);
+    }
+    let readiness = Readiness::default();
+    let data = bind_data(&cfg)?;
+    let capture = open_capture(&cfg, &data, &mut registry, &readiness)?;
     let (trigger, drain) = drain::new();
     let proxy = Arc::new(Proxy {
         certs: CertManager::new(issuer, cfg.cert_lifetime),
@@ -105,10 +119,10 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         log: AccessLog::new(cfg.access_log_stdout),
         drain,
         round_robin: AtomicUsize::new(0),
+        capture,
         cfg,
     });
     let listeners = Arc::new(HboneListeners::default());
-    let readiness = Readiness::default();
     let (tx, pending) = mpsc::unbounded_channel::<Update>();
     let updates = Updates {
         tx,
@@ -154,8 +168,9 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
     }
     let sent = updates.sent.clone();
     drop(updates);
-    let bound = bind_all(&proxy, &listeners, registry, readiness, xds.clone()).await?;
+    let bound = serve_all(&proxy, data, registry, readiness, xds.clone())?;
     spawn_renewal(&proxy);
+    spawn_capture_refresh(&proxy);
     info!(node = %proxy.cfg.node, ?bound, "ztunnel ready");
     Ok(App {
         bound,
@@ -284,30 +299,127 @@ async fn apply(
     let ips: BTreeSet<IpAddr> = local.iter().flat_map(|w| w.ips.iter().copied()).collect();
     proxy.certs.reconcile(&identities, CERT_PATIENCE).await;
     proxy.state.store(Arc::new(snap));
-    listeners.reconcile(proxy, &ips);
+    match &proxy.capture {
+        // One wildcard HBONE listener serves every local workload.
+        Some(capture) => {
+            let (capture, snap) = (capture.clone(), proxy.state.load_full());
+            if let Err(e) = tokio::task::spawn_blocking(move || capture.reconcile(snap)).await {
+                warn!("capture pass did not finish: {e}");
+            }
+        }
+        None => listeners.reconcile(proxy, &ips),
+    }
 }
 
-async fn bind_all(
+/// The data-plane listeners, bound before anything is served. In capture modes the
+/// outbound, plaintext and HBONE listeners are transparent on the wildcard address.
+struct DataListeners {
+    outbound: TcpListener,
+    plaintext: TcpListener,
+    socks: TcpListener,
+    /// Capture modes only; otherwise HBONE listeners follow the local workloads.
+    hbone: Option<TcpListener>,
+}
+
+fn bind_data(cfg: &Config) -> anyhow::Result<DataListeners> {
+    let transparent = cfg.capture.is_active();
+    let bind = |addr: SocketAddr, transparent: bool, what: &str| {
+        inbound::bind(addr, transparent)
+            .with_context(|| format!("binding {what} listener on {addr}"))
+    };
+    let captured = |port: u16| match transparent {
+        true => SocketAddr::from(([0, 0, 0, 0], port)),
+        false => cfg.addr(port),
+    };
+    Ok(DataListeners {
+        outbound: bind(
+            captured(cfg.ports.outbound),
+            transparent,
+            "outbound capture",
+        )?,
+        plaintext: bind(
+            captured(cfg.ports.inbound_plaintext),
+            transparent,
+            "inbound plaintext",
+        )?,
+        socks: bind(cfg.addr(cfg.ports.socks5), false, "SOCKS5")?,
+        hbone: match transparent {
+            true => Some(bind(captured(cfg.ports.hbone), true, "HBONE")?),
+            false => None,
+        },
+    })
+}
+
+/// Node routing and the capture backend, in capture modes.
+fn open_capture(
+    cfg: &Config,
+    data: &DataListeners,
+    registry: &mut Registry,
+    readiness: &Readiness,
+) -> anyhow::Result<Option<Arc<Capture>>> {
+    let Some(hbone) = &data.hbone else {
+        return Ok(None);
+    };
+    let listeners = capture::Listeners {
+        outbound: &data.outbound,
+        inbound_hbone: hbone,
+        inbound_plaintext: &data.plaintext,
+    };
+    let mark = cfg
+        .hbone
+        .socket_mark
+        .unwrap_or(capture::DEFAULT_SOCKET_MARK);
+    let metrics = CaptureMetrics::new(registry);
+    let capture = capture::open(
+        cfg.capture,
+        &cfg.node,
+        mark,
+        &listeners,
+        metrics,
+        readiness.clone(),
+    )
+    .with_context(|| format!("setting up {} capture", cfg.capture))?;
+    Ok(Some(Arc::new(capture)))
+}
+
+/// Re-runs the capture pass every few seconds: a pod's veth may appear after its config.
+fn spawn_capture_refresh(proxy: &Arc<Proxy>) {
+    let Some(capture) = proxy.capture.clone() else {
+        return;
+    };
+    let drain = proxy.drain.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CAPTURE_REFRESH);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = drain.signaled() => return,
+            }
+            let c = capture.clone();
+            let _ = tokio::task::spawn_blocking(move || c.refresh()).await;
+        }
+    });
+}
+
+fn serve_all(
     proxy: &Arc<Proxy>,
-    _listeners: &Arc<HboneListeners>,
+    data: DataListeners,
     registry: Registry,
     readiness: Readiness,
     xds: Option<watch::Receiver<XdsStatus>>,
 ) -> anyhow::Result<Bound> {
     let cfg = &proxy.cfg;
-    let bind = |port: u16, what: &str| {
-        let addr = cfg.addr(port);
-        inbound::bind(addr).with_context(|| format!("binding {what} listener on {addr}"))
-    };
-    let capture = bind(cfg.ports.outbound, "outbound capture")?;
-    let plaintext = bind(cfg.ports.inbound_plaintext, "inbound plaintext")?;
-    let socks = bind(cfg.ports.socks5, "SOCKS5")?;
-    let bound_capture = capture.local_addr()?;
-    let bound_plain = plaintext.local_addr()?;
-    let bound_socks = socks.local_addr()?;
-    tokio::spawn(outbound::serve_capture(proxy.clone(), capture));
-    tokio::spawn(inbound::serve_plaintext(proxy.clone(), plaintext));
-    tokio::spawn(outbound::serve_socks5(proxy.clone(), socks));
+    let bound_capture = data.outbound.local_addr()?;
+    let bound_plain = data.plaintext.local_addr()?;
+    let bound_socks = data.socks.local_addr()?;
+    let bound_hbone = data.hbone.as_ref().map(|l| l.local_addr()).transpose()?;
+    tokio::spawn(outbound::serve_capture(proxy.clone(), data.outbound));
+    tokio::spawn(inbound::serve_plaintext(proxy.clone(), data.plaintext));
+    tokio::spawn(outbound::serve_socks5(proxy.clone(), data.socks));
+    if let Some(hbone) = data.hbone {
+        tokio::spawn(inbound::serve_hbone(proxy.clone(), hbone));
+    }
 
     let registry = Arc::new(registry);
     let metrics_routes = Routes::new()
@@ -321,6 +433,7 @@ async fn bind_all(
     let drain = proxy.drain.clone();
     Ok(Bound {
         outbound: bound_capture,
+        hbone: bound_hbone,
         inbound_plaintext: bound_plain,
         socks5: bound_socks,
         admin: admin::spawn_server(
@@ -351,6 +464,8 @@ struct Dump<'a> {
     certificates: Vec<crate::certs::CertSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     xds: Option<XdsStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capture: Option<CaptureDump>,
 }
 
 fn dump(proxy: &Proxy, xds: Option<XdsStatus>) -> Dump<'_> {
@@ -359,6 +474,7 @@ fn dump(proxy: &Proxy, xds: Option<XdsStatus>) -> Dump<'_> {
         snapshot: proxy.state.load_full(),
         certificates: proxy.certs.summary(),
         xds,
+        capture: proxy.capture.as_ref().map(|c| c.dump()),
     }
 }
 
@@ -402,8 +518,16 @@ impl App {
     pub async fn shutdown(self) -> DrainOutcome {
         let deadline = self.proxy.cfg.drain_deadline;
         self.listeners.reconcile(&self.proxy, &BTreeSet::new());
+        let capture = self.proxy.capture.clone();
         drop(self.proxy);
-        self.trigger.drain(deadline, Duration::from_secs(1)).await
+        let outcome = self.trigger.drain(deadline, Duration::from_secs(1)).await;
+        // After the drain, so pods fail closed rather than bypass the mesh meanwhile.
+        if let Some(capture) = capture {
+            if let Err(e) = tokio::task::spawn_blocking(move || capture.shutdown()).await {
+                warn!("capture teardown did not finish: {e}");
+            }
+        }
+        outcome
     }
 
     /// Runs until SIGTERM or Ctrl-C, then drains.

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::capture::CaptureMode;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Ports {
     pub hbone: u16,
@@ -75,6 +77,10 @@ pub struct Config {
     pub drain_deadline: Duration,
     /// Write access-log lines to stdout.
     pub access_log_stdout: bool,
+    /// How pods' traffic reaches the listeners. In a capture mode the outbound, plaintext
+    /// and HBONE listeners are transparent on the wildcard address, deliveries keep the
+    /// client's source address, and the node's routing and rules are set up and removed.
+    pub capture: CaptureMode,
 }
 
 impl Config {
@@ -115,6 +121,7 @@ impl Config {
             config_poll: Duration::from_millis(200),
             drain_deadline: Duration::from_secs(5),
             access_log_stdout: true,
+            capture: CaptureMode::None,
         }
     }
 

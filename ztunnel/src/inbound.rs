@@ -1,7 +1,8 @@
 //! Inbound: HBONE on 15008 (mutual TLS, peer identity, L4 policy, then a connection to
 //! the destination workload) and plaintext on 15006 (allowed only under PERMISSIVE).
 //!
-//! The HBONE listeners are bound per local workload address, so the address a
+//! Without capture the HBONE listeners are bound per local workload address; in capture
+//! modes one transparent wildcard listener takes them all. Either way the address a
 //! connection arrived on names the destination and picks the certificate to present.
 
 use std::collections::{BTreeSet, HashMap};
@@ -90,7 +91,7 @@ impl Proxy {
             self.hbone_metrics.rejected(401, "policy");
             return self.finish(rec, started);
         }
-        let tcp = match self.dial(req.authority).await {
+        let tcp = match self.dial(req.authority, Some(client.ip())).await {
             Ok(t) => t,
             Err(e) => {
                 warn!(dst = %authority, "cannot reach the destination workload: {e}");
@@ -115,7 +116,7 @@ impl Proxy {
     async fn handle_plaintext(self: Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
         let started = Instant::now();
         let mut rec = ConnRecord::new(Direction::Inbound, peer);
-        let dst_addr = match original_dst(&tcp) {
+        let dst_addr = match original_dst(&tcp, self.cfg.capture.is_active()) {
             Ok(a) => a,
             Err(e) => return self.metrics.failure(&format!("original_dst: {e}")),
         };
@@ -144,7 +145,7 @@ impl Proxy {
             abort(tcp);
             return self.finish(rec, started);
         }
-        match self.dial(dst_addr).await {
+        match self.dial(dst_addr, Some(peer.ip())).await {
             Ok(up) => {
                 self.metrics.opened(&mut rec);
                 self.relay(tcp, Upstream::Plain(up), rec, started).await
@@ -192,7 +193,7 @@ impl HboneListeners {
                 continue;
             }
             let addr = SocketAddr::new(*ip, proxy.cfg.ports.hbone);
-            match bind(addr) {
+            match bind(addr, false) {
                 Ok(listener) => {
                     by_ip.insert(*ip, tokio::spawn(serve_hbone(proxy.clone(), listener)));
                     info!(%addr, "HBONE listener bound");
@@ -211,20 +212,29 @@ impl HboneListeners {
     }
 }
 
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listener on `addr`; `transparent` (IP_TRANSPARENT) lets it take connections
+/// addressed to any host that capture steers to it, the local address then being the
+/// original destination.
+pub fn bind(addr: SocketAddr, transparent: bool) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if transparent {
+        match addr {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }
 
-async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
+pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
     let tls_proxy = proxy.clone();
     let tls_for: hbone::TlsForLocalAddr = Arc::new(move |local: SocketAddr| {
         let w = tls_proxy.local_workload(local.ip())?;

@@ -6,6 +6,7 @@
 //! the waypoint's job) and depends only on `mesh-core`, never on `waypoint` or `controller`.
 
 pub mod app;
+pub mod capture;
 pub mod certs;
 pub mod config;
 pub mod inbound;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use ztunnel::capture::CaptureMode;
 use ztunnel::config::{Config, Ports};
 
 /// ztunnel: the per-node L4 proxy of the ambient mesh. Config and certificates come from
@@ -53,9 +54,15 @@ struct Args {
     /// Workload certificate lifetime in seconds (renewed at half life).
     #[arg(long, default_value_t = 86400)]
     cert_lifetime_secs: u64,
-    /// SO_MARK for the ztunnel's own outgoing sockets, so capture rules can skip them.
-    #[arg(long)]
+    /// SO_MARK for the ztunnel's own outgoing sockets, so capture rules can skip them
+    /// (default 0x539 with --capture iptables|ebpf, none otherwise).
+    #[arg(long, value_parser = parse_mark)]
     socket_mark: Option<u32>,
+    /// How ambient pods' TCP reaches this ztunnel: none (SOCKS5 or someone else's rules),
+    /// iptables (TPROXY rules) or ebpf. Capture modes need root in the node's network
+    /// namespace and bind the capture listeners transparent on 0.0.0.0.
+    #[arg(long, default_value_t = CaptureMode::None)]
+    capture: CaptureMode,
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -97,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         readiness: args.readiness_port,
     };
     cfg.cert_lifetime = Duration::from_secs(args.cert_lifetime_secs);
+    cfg.capture = args.capture;
     cfg.hbone.socket_mark = args.socket_mark;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
@@ -108,4 +116,13 @@ fn main() -> anyhow::Result<()> {
         app.wait_termination().await;
         Ok(())
     })
+}
+
+/// A mark in decimal or 0x-hex.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a mark (decimal or 0x-hex): {e}"))
 }

@@ -96,7 +96,7 @@ impl Proxy {
                 } else if let Some(w) = snap.workload_by_ip(addr.ip()) {
                     self.to_workload(&src_w, w, *addr, src, rec).await
                 } else {
-                    self.passthrough(*addr, rec).await
+                    self.passthrough(*addr, src, rec).await
                 }
             }
         }
@@ -159,7 +159,7 @@ impl Proxy {
         rec.set_destination(dst_w);
         rec.dst_addr = Some(addr);
         if dst_w.protocol != Protocol::Hbone {
-            return self.passthrough(addr, rec).await;
+            return self.passthrough(addr, client, rec).await;
         }
         let src_id = src_w.identity();
         let cert = self.certs.get_or_issue(&src_id).await?;
@@ -179,9 +179,11 @@ impl Proxy {
         Ok(Upstream::Hbone(stream))
     }
 
+    /// Plaintext to `addr`; in capture modes from `client`'s own address.
     async fn passthrough(
         &self,
         addr: SocketAddr,
+        client: SocketAddr,
         rec: &mut ConnRecord,
     ) -> Result<Upstream, OutboundError> {
         rec.dst_addr = Some(addr);
@@ -191,7 +193,7 @@ impl Proxy {
             return Err(OutboundError::Loop { addr });
         }
         let tcp = self
-            .dial(addr)
+            .dial(addr, Some(client.ip()))
             .await
             .map_err(|source| OutboundError::Connect { addr, source })?;
         Ok(Upstream::Plain(tcp))
@@ -210,7 +212,7 @@ pub async fn serve_capture(proxy: Arc<Proxy>, listener: TcpListener) {
     accept_loop(proxy, listener, "capture", |proxy, tcp, peer| async move {
         let started = Instant::now();
         let mut rec = ConnRecord::new(Direction::Outbound, peer);
-        let dst = match original_dst(&tcp) {
+        let dst = match original_dst(&tcp, proxy.cfg.capture.is_active()) {
             Ok(d) => d,
             Err(e) => return proxy.metrics.failure(&format!("original_dst: {e}")),
         };

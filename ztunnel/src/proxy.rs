@@ -1,8 +1,9 @@
 //! The state every listener of a ztunnel shares, and the pieces of connection handling
 //! common to inbound and outbound: original destination, marked dials, relaying.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -11,6 +12,7 @@ use mesh_core::hbone::{self, H2Stream, Pool};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::capture::Capture;
 use crate::certs::CertManager;
 use crate::config::Config;
 use crate::model::Snapshot;
@@ -26,6 +28,8 @@ pub struct Proxy {
     pub log: AccessLog,
     pub drain: Drain,
     pub(crate) round_robin: AtomicUsize,
+    /// The capture manager, in capture modes.
+    pub capture: Option<Arc<Capture>>,
 }
 
 /// The far side of a proxied connection.
@@ -36,8 +40,17 @@ pub enum Upstream {
 
 impl Proxy {
     /// Dials `addr` directly, with the socket mark so capture never takes our own traffic.
-    pub async fn dial(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let connect = hbone::connect_marked(addr, self.cfg.hbone.socket_mark);
+    /// In capture modes a connection made for `client` leaves from the client's address
+    /// (IP_TRANSPARENT), so the destination sees who really connected.
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        client: Option<IpAddr>,
+    ) -> std::io::Result<TcpStream> {
+        let src = client
+            .filter(|_| self.cfg.capture.is_active())
+            .and_then(|c| transparent_source(c, addr));
+        let connect = hbone::connect_marked_from(addr, self.cfg.hbone.socket_mark, src);
         tokio::time::timeout(self.cfg.hbone.connect_timeout, connect)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
@@ -98,10 +111,14 @@ impl Proxy {
     }
 }
 
-/// The destination the client meant: from conntrack when the connection was redirected
-/// (`SO_ORIGINAL_DST`), else the accepted socket's local address (transparent capture).
-pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
+/// The destination the client meant. Capture modes deliver connections to transparent
+/// listeners, so it is the accepted socket's local address; otherwise conntrack's
+/// (`SO_ORIGINAL_DST`) when the connection was redirected, else the local address.
+pub fn original_dst(tcp: &TcpStream, transparent: bool) -> std::io::Result<SocketAddr> {
     let local = tcp.local_addr()?;
+    if transparent {
+        return Ok(local);
+    }
     let sock = socket2::SockRef::from(tcp);
     let orig = if local.is_ipv4() {
         sock.original_dst_v4()
@@ -109,4 +126,43 @@ pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
         sock.original_dst_v6()
     };
     Ok(orig.ok().and_then(|a| a.as_socket()).unwrap_or(local))
+}
+
+/// The address to dial `dst` from on behalf of `client`, if it can be the client's own:
+/// an IPv4 unicast address other than the destination's (a pod reaching itself through a
+/// service would see its own address as a martian source).
+pub fn transparent_source(client: IpAddr, dst: SocketAddr) -> Option<IpAddr> {
+    let IpAddr::V4(v4) = client else { return None };
+    let unusable = v4.is_loopback()
+        || v4.is_unspecified()
+        || v4.is_multicast()
+        || v4.is_broadcast()
+        || client == dst.ip();
+    (!unusable).then_some(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transparent_source;
+    use std::net::{IpAddr, SocketAddr};
+
+    #[test]
+    fn transparent_source_only_for_usable_client_addresses() {
+        let dst: SocketAddr = "10.1.0.11:80".parse().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            transparent_source(ip("10.2.0.11"), dst),
+            Some(ip("10.2.0.11"))
+        );
+        for bad in [
+            "10.1.0.11",
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "fd00::1",
+        ] {
+            assert_eq!(transparent_source(ip(bad), dst), None, "{bad}");
+        }
+    }
 }

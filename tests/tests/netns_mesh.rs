@@ -2,10 +2,9 @@
 //! process per node, pods' unmodified clients (curl) and servers (Python's http.server).
 //! Root only (see `mesh_tests::netns`). The capture tests need `ztunnel --capture`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use mesh_tests::bench::process::ChildGuard;
 use mesh_tests::netns::{
     is_root, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec, ServiceSpec, Topology,
 };
@@ -31,19 +30,6 @@ fn start(capture: Option<&str>) -> NetnsMesh {
         ..MeshOptions::default()
     };
     NetnsMesh::start(topo, &opts).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// `http.server` on port 8080 of `pod`, serving `hello`.
-fn serve(mesh: &NetnsMesh, pod: &Pod) -> ChildGuard {
-    let root = mesh.work_dir.join(format!("www-{}", pod.spec.name));
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(
-        root.join("hello"),
-        format!("hello from {}\n", pod.spec.name),
-    )
-    .unwrap();
-    let log = mesh.work_dir.join(format!("http-{}.log", pod.spec.name));
-    pod.http_server(IpAddr::V4(pod.ip), 8080, &root, &log)
 }
 
 fn identity(pod: &Pod) -> String {
@@ -110,7 +96,7 @@ fn netns_mesh_nodes_get_config_from_the_fabric() {
 fn netns_mesh_captured_pod_to_pod_across_nodes() {
     let mut mesh = start(Some("iptables"));
     let server = mesh.pod("server");
-    let http = serve(&mesh, server);
+    let http = server.hello_server(&mesh.work_dir);
     let client = mesh.pod("client");
     for url in [
         format!("http://{}:8080/hello", server.ip),

@@ -9,9 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mesh_core::testing::echo_server;
-use mesh_tests::bench::process::ChildGuard;
 use mesh_tests::harness::echo_roundtrip;
-use mesh_tests::netns::{is_root, run_isolated, NodeSpec, Pod, PodSpec, Topology, NETNS_DIR};
+use mesh_tests::netns::{is_root, run_isolated, NodeSpec, PodSpec, Topology, NETNS_DIR};
 use tokio::net::{TcpListener, TcpStream};
 
 fn two_nodes() -> Topology {
@@ -22,24 +21,11 @@ fn two_nodes() -> Topology {
     ])
 }
 
-/// `python3 -m http.server` in `pod` on port 8080, serving a file named `hello`.
-fn http_server(topo: &Topology, pod: &Pod) -> ChildGuard {
-    let root = topo.work_dir.join(format!("www-{}", pod.spec.name));
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(
-        root.join("hello"),
-        format!("hello from {}\n", pod.spec.name),
-    )
-    .unwrap();
-    let log = topo.work_dir.join(format!("http-{}.log", pod.spec.name));
-    pod.http_server(IpAddr::V4(pod.ip), 8080, &root, &log)
-}
-
 /// Curl from pod `a` to an http.server in `to`; the server must log `a`'s own address.
 fn curl_checks(topo: &Topology, to: &str) {
     let a = topo.pod("a");
     let to = topo.pod(to);
-    let mut server = http_server(topo, to);
+    let mut server = to.hello_server(&topo.work_dir);
     let body = a.curl(&format!("http://{}:8080/hello", to.ip)).unwrap();
     assert_eq!(body, format!("hello from {}\n", to.spec.name));
     let log = server.stderr_tail(5);

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::ns::Netns;
+use super::topology::Pod;
 use crate::bench::process::{ChildGuard, Spawn, Stdout};
 
 impl Netns {
@@ -54,5 +55,19 @@ impl Netns {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
+    }
+}
+
+impl Pod {
+    /// An http.server on the pod's port 8080 whose file `hello` reads
+    /// `hello from <pod>\n`; its root and request log go in `work_dir`.
+    pub fn hello_server(&self, work_dir: &Path) -> ChildGuard {
+        let name = &self.spec.name;
+        let root = work_dir.join(format!("www-{name}"));
+        std::fs::create_dir_all(&root)
+            .and_then(|()| std::fs::write(root.join("hello"), format!("hello from {name}\n")))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", root.display()));
+        let log = work_dir.join(format!("http-{name}.log"));
+        self.http_server(IpAddr::V4(self.ip), 8080, &root, &log)
     }
 }

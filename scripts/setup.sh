@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for tool in curl:curl openssl:openssl ip:iproute2 iptables:iptables unshare:util-linux protoc:protobuf-compiler; do
+for tool in curl:curl openssl:openssl ip:iproute2 iptables:iptables unshare:util-linux protoc:protobuf-compiler iperf3:iperf3 python3:python3; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -321,7 +321,11 @@ fn wait_child(
     while !ready() {
         if child.exited().is_some() || start.elapsed() > limit {
             let described = child.describe(STDERR_LINES);
-            bail!("{} not ready within {limit:?}: {described}", child.name());
+            let waited = start.elapsed();
+            bail!(
+                "{} not ready after {waited:.1?} (limit {limit:?}): {described}",
+                child.name()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

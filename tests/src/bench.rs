@@ -10,6 +10,7 @@ pub mod controlplane;
 pub mod cpu_latency;
 pub mod l4;
 pub mod loopback;
+pub mod netns;
 pub mod process;
 pub mod relay;
 pub mod report;

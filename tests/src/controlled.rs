@@ -18,13 +18,44 @@ use crate::harness::{claim_block, test_ports};
 pub const NODE1_TOKEN: &str = "node1-ztunnel-token-0123456789";
 pub const NODE2_TOKEN: &str = "node2-ztunnel-token-0123456789";
 
+/// The identity the ztunnels' tokens stand for (Istio's ztunnel service account).
+pub const ZTUNNEL_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+
 /// A pod manifest; `127.B.` in `ip` stands for the block.
 pub fn pod(name: &str, sa: &str, node: &str, ip: &str, app: &str) -> String {
+    pod_in("default", name, sa, node, ip, &[("app", app)])
+}
+
+/// A pod manifest in any namespace, with any labels.
+pub fn pod_in(
+    namespace: &str,
+    name: &str,
+    sa: &str,
+    node: &str,
+    ip: &str,
+    labels: &[(&str, &str)],
+) -> String {
+    let labels = labels
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\n\
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
          spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, image: c}}]}}\n\
          status: {{podIP: {ip}}}\n"
     )
+}
+
+/// The controller's token file: each `(node, token)` stands for the ztunnel identity,
+/// bound to that node.
+pub fn tokens_yaml(nodes: &[(&str, &str)]) -> String {
+    nodes
+        .iter()
+        .map(|(node, token)| {
+            format!("- {{token: {token}, identity: '{ZTUNNEL_IDENTITY}', node: {node}}}\n")
+        })
+        .collect()
 }
 
 /// The enrolled namespace, the client on node1, two echo pods behind service `echo`
@@ -79,10 +110,7 @@ impl ControlledMesh {
         std::fs::create_dir_all(&config_dir).unwrap();
         std::fs::write(
             dir.join("tokens.yaml"),
-            format!(
-                "- {{token: {NODE1_TOKEN}, identity: 'spiffe://cluster.local/ns/istio-system/sa/ztunnel', node: node1}}\n\
-                 - {{token: {NODE2_TOKEN}, identity: 'spiffe://cluster.local/ns/istio-system/sa/ztunnel', node: node2}}\n"
-            ),
+            tokens_yaml(&[("node1", NODE1_TOKEN), ("node2", NODE2_TOKEN)]),
         )
         .unwrap();
         let grpc = SocketAddr::new(IpAddr::from([127, block, 0, 1]), 15010);
@@ -163,10 +191,16 @@ impl ControlledMesh {
 }
 
 fn write_manifest(dir: &Path, config_dir: &Path, block: u8, file: &str, text: &str) {
-    let tmp = dir.join(format!("{file}.tmp"));
     let text = text.replace("127.B.", &format!("127.{block}."));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, config_dir.join(file)).unwrap();
+    write_atomic(dir, config_dir, file, &text).unwrap();
+}
+
+/// Writes `config_dir/file` through a temporary file in `dir` and a rename, so a
+/// controller following the directory never reads half a manifest.
+pub fn write_atomic(dir: &Path, config_dir: &Path, file: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{file}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, config_dir.join(file))
 }
 
 fn node_config(block: u8, grpc: SocketAddr, node: &str, last: u8, token: &str) -> Config {
@@ -179,31 +213,7 @@ fn node_config(block: u8, grpc: SocketAddr, node: &str, last: u8, token: &str) -
 
 /// Starts the controller process and waits until its gRPC port answers.
 async fn spawn_controller(dir: &Path, config_dir: &Path, grpc: SocketAddr) -> ChildGuard {
-    let metrics = SocketAddr::new(grpc.ip(), 15014);
-    let args = [
-        "--config-dir",
-        &config_dir.display().to_string(),
-        "--state-dir",
-        &dir.join("state").display().to_string(),
-        "--tokens",
-        &dir.join("tokens.yaml").display().to_string(),
-        "--grpc-addr",
-        &grpc.to_string(),
-        "--metrics-addr",
-        &metrics.to_string(),
-        "--grpc-tls-addr",
-        &SocketAddr::new(grpc.ip(), 15012).to_string(),
-    ]
-    .map(String::from);
-    let spec = Spawn {
-        name: "controller".into(),
-        program: workspace_binary("controller", "CONTROLLER_BIN"),
-        args: args.to_vec(),
-        env: vec![("RUST_LOG".into(), "info".into())],
-        stdout: Stdout::Discard,
-        stderr: dir.join("controller.log"),
-        nofile: 4096,
-    };
+    let spec = controller_spawn(dir, config_dir, &dir.join("tokens.yaml"), grpc);
     let mut child = ChildGuard::spawn(&spec).expect("starting the controller");
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(grpc).await.is_err() {
@@ -218,6 +228,36 @@ async fn spawn_controller(dir: &Path, config_dir: &Path, grpc: SocketAddr) -> Ch
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child
+}
+
+/// The controller in local mode on `config_dir`: state in `dir/state`, log in
+/// `dir/controller.log`, gRPC (and TLS gRPC on 15012, metrics on 15014) on `grpc`'s IP.
+pub fn controller_spawn(dir: &Path, config_dir: &Path, tokens: &Path, grpc: SocketAddr) -> Spawn {
+    let metrics = SocketAddr::new(grpc.ip(), 15014);
+    let args = [
+        "--config-dir",
+        &config_dir.display().to_string(),
+        "--state-dir",
+        &dir.join("state").display().to_string(),
+        "--tokens",
+        &tokens.display().to_string(),
+        "--grpc-addr",
+        &grpc.to_string(),
+        "--metrics-addr",
+        &metrics.to_string(),
+        "--grpc-tls-addr",
+        &SocketAddr::new(grpc.ip(), 15012).to_string(),
+    ]
+    .map(String::from);
+    Spawn {
+        name: "controller".into(),
+        program: workspace_binary("controller", "CONTROLLER_BIN"),
+        args: args.to_vec(),
+        env: vec![("RUST_LOG".into(), "info".into())],
+        stdout: Stdout::Discard,
+        stderr: dir.join("controller.log"),
+        nofile: 4096,
+    }
 }
 
 impl Drop for ControlledMesh {

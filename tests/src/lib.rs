@@ -2,7 +2,6 @@
 //! processes, and the `mesh-bench` benchmarks. Nothing here is shipped.
 
 pub mod bench;
-pub mod clients;
 pub mod controlled;
 pub mod harness;
 pub mod netns;

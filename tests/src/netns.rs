@@ -9,10 +9,13 @@
 //! Root only. These tests are named `netns_*` and fail without root; a caller without root
 //! skips them by name: `cargo nextest run -E 'not test(/^netns_/)'`.
 
+mod mesh;
 mod names;
 mod ns;
+mod tools;
 mod topology;
 
+pub use mesh::{MeshOptions, NetnsMesh, ServiceSpec, SERVICE_CIDR, XDS_PORT};
 pub use names::{sweep_leftovers, PREFIX};
 pub use ns::{Netns, NETNS_DIR};
 pub use topology::{

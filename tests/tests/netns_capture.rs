@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use mesh_core::tls::CertificateAuthority;
 use mesh_tests::bench::process::{workspace_binary, ChildGuard, Spawn, Stdout};
-use mesh_tests::clients::curl;
 use mesh_tests::netns::{run_isolated, Netns, Node, NodeSpec, Pod, PodSpec, Topology};
 use serde_json::Value;
 
@@ -157,7 +156,8 @@ fn peer_server(topo: &Topology, pod: &Pod) -> ChildGuard {
 
 /// curl from `from` to the peer server in `to`: the address the server saw.
 fn seen_by_server(from: &Netns, to: &Pod) -> String {
-    curl(from, &format!("http://{}:{SERVER_PORT}/", to.ip))
+    from.curl(&format!("http://{}:{SERVER_PORT}/", to.ip))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The first access-log record of `zt` that `pred` accepts (waits up to 10 s: a record is

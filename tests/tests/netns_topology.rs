@@ -9,10 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mesh_core::testing::echo_server;
-use mesh_tests::bench::process::{ChildGuard, Spawn, Stdout};
-use mesh_tests::clients::curl;
 use mesh_tests::harness::echo_roundtrip;
-use mesh_tests::netns::{is_root, run_isolated, NodeSpec, Pod, PodSpec, Topology, NETNS_DIR};
+use mesh_tests::netns::{is_root, run_isolated, NodeSpec, PodSpec, Topology, NETNS_DIR};
 use tokio::net::{TcpListener, TcpStream};
 
 fn two_nodes() -> Topology {
@@ -23,42 +21,12 @@ fn two_nodes() -> Topology {
     ])
 }
 
-/// `python3 -m http.server` in `pod` on port 8080, serving a file named `hello`.
-fn http_server(topo: &Topology, pod: &Pod) -> ChildGuard {
-    let root = topo.work_dir.join(format!("www-{}", pod.spec.name));
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(
-        root.join("hello"),
-        format!("hello from {}\n", pod.spec.name),
-    )
-    .unwrap();
-    let server = pod.spawn(&Spawn {
-        name: format!("http.server in {}", pod.spec.name),
-        program: "python3".into(),
-        args: ["-m", "http.server", "8080", "--bind", &pod.ip.to_string()]
-            .map(String::from)
-            .into_iter()
-            .chain(["--directory".into(), root.display().to_string()])
-            .collect(),
-        env: vec![],
-        stdout: Stdout::Discard,
-        stderr: topo.work_dir.join(format!("http-{}.log", pod.spec.name)),
-        nofile: 1024,
-    });
-    pod.wait_tcp(
-        SocketAddr::new(IpAddr::V4(pod.ip), 8080),
-        Duration::from_secs(10),
-        "http.server",
-    );
-    server
-}
-
 /// Curl from pod `a` to an http.server in `to`; the server must log `a`'s own address.
 fn curl_checks(topo: &Topology, to: &str) {
     let a = topo.pod("a");
     let to = topo.pod(to);
-    let mut server = http_server(topo, to);
-    let body = curl(a, &format!("http://{}:8080/hello", to.ip));
+    let mut server = to.hello_server(&topo.work_dir);
+    let body = a.curl(&format!("http://{}:8080/hello", to.ip)).unwrap();
     assert_eq!(body, format!("hello from {}\n", to.spec.name));
     let log = server.stderr_tail(5);
     assert!(
@@ -83,11 +51,9 @@ fn netns_topology_pod_to_pod_within_a_node() {
     let rt = b.runtime(1);
     let addr = SocketAddr::new(IpAddr::V4(b.ip), 9000);
     rt.block_on(rt.spawn(echo_server(addr))).unwrap().unwrap();
-    topo.pod("a").run(|| {
-        current_thread().block_on(async {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            echo_roundtrip(tcp, 1 << 20).await;
-        })
+    topo.pod("a").block_on(async {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        echo_roundtrip(tcp, 1 << 20).await;
     });
 }
 
@@ -103,8 +69,7 @@ fn netns_topology_pods_reach_the_fabric() {
         .unwrap();
     for pod in ["a", "c"] {
         let pod = topo.pod(pod);
-        pod.run(|| current_thread().block_on(TcpStream::connect(fabric)))
-            .unwrap();
+        pod.block_on(TcpStream::connect(fabric)).unwrap();
         let (_, peer) = rt.block_on(listener.accept()).unwrap();
         assert_eq!(peer.ip(), IpAddr::V4(pod.ip));
     }
@@ -222,13 +187,6 @@ fn netns_topology_sweeps_leftovers_of_a_killed_run() {
         );
     }
     assert!(!alive(&sleep), "the leftover's process still runs");
-}
-
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Interfaces of the namespace this test runs in.

@@ -29,6 +29,16 @@ impl CpuDmaLatency {
         Self { held: None }
     }
 
+    /// [`CpuDmaLatency::acquire`], or [`CpuDmaLatency::disabled`] when `no_poll` (a
+    /// benchmark's `--no-poll` flag).
+    pub fn unless(no_poll: bool) -> Self {
+        if no_poll {
+            Self::disabled()
+        } else {
+            Self::acquire()
+        }
+    }
+
     pub fn is_polling(&self) -> bool {
         self.held.is_some()
     }
@@ -40,6 +50,15 @@ impl CpuDmaLatency {
         } else {
             "default idle mode"
         }
+    }
+}
+
+/// The mode as the JSON summaries name it, from [`CpuDmaLatency::mode`]'s text.
+pub fn json_mode(mode: &str) -> &'static str {
+    if mode.starts_with("poll") {
+        "poll"
+    } else {
+        "default"
     }
 }
 

@@ -8,7 +8,7 @@
 //! does not work.
 
 mod output;
-mod traffic;
+pub(crate) mod traffic;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -120,11 +120,7 @@ pub async fn run(args: L4Args) -> anyhow::Result<()> {
     ));
     let mut mesh = LoopbackMesh::start(spec).await?;
 
-    let cpu = if args.no_poll {
-        CpuDmaLatency::disabled()
-    } else {
-        CpuDmaLatency::acquire()
-    };
+    let cpu = CpuDmaLatency::unless(args.no_poll);
     let mode = cpu.mode();
     progress(format_args!("{mode}"));
     let measured = measure(&plan, &mesh, &servers).await;

@@ -366,7 +366,7 @@ fn workload_nodes(config: &str) -> anyhow::Result<HashMap<IpAddr, usize>> {
 }
 
 /// The status code of `GET path` over a fresh HTTP/1.1 connection.
-async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+pub async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let probe = async {
         let mut tcp = TcpStream::connect(addr).await?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");

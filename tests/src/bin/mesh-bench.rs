@@ -1,9 +1,9 @@
 //! mesh-bench: benchmarks of the mesh against direct connections on the same machine.
 //! `mesh-bench l4` runs two ztunnels on loopback; `mesh-bench controlplane` the controller
-//! with many delta-ADS clients; see `mesh_tests::bench`.
+//! with many delta-ADS clients; `mesh-bench netns` pods in network namespaces; see `mesh_tests::bench`.
 
 use clap::{Parser, Subcommand};
-use mesh_tests::bench::{controlplane, l4, relay};
+use mesh_tests::bench::{controlplane, l4, netns, relay};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +20,10 @@ enum Benchmark {
     /// TCP through two ztunnels (SOCKS5 + HBONE) against direct TCP: throughput, round-trip
     /// latency, connect latency and ztunnel memory. The last stdout line is JSON.
     L4(l4::L4Args),
+    /// Pods on two nodes as network namespaces (root): iperf3 on 1 and 4 streams and 1 KiB
+    /// round trips, direct and then through the mesh with capture. The last stdout line is
+    /// JSON.
+    Netns(netns::NetnsArgs),
     /// The controller serving 10,000 pods to 100 delta-ADS clients: initial sync, pod
     /// change to every ACK, memory, full push size. The last stdout line is JSON.
     Controlplane(controlplane::ControlPlaneArgs),
@@ -43,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let bench = async {
         match cli.command {
             Benchmark::L4(args) => l4::run(args).await,
+            Benchmark::Netns(args) => netns::run(args).await,
             Benchmark::Controlplane(args) => controlplane::run(args).await,
             Benchmark::ControlplaneController(args) => controlplane::serve_controller(args).await,
             Benchmark::Relay { maps, socks } => relay::serve(maps, socks).await,

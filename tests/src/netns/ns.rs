@@ -119,6 +119,22 @@ impl Netns {
         })
     }
 
+    /// Runs `fut` to completion on a current-thread tokio runtime on a new thread inside
+    /// the namespace (see [`Netns::run`]): for clients and short-lived servers.
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        self.run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("tokio runtime in {}: {e}", self.name))
+                .block_on(fut)
+        })
+    }
+
     /// A multi-thread tokio runtime whose worker and blocking threads all live in the
     /// namespace. Spawn the work (`rt.spawn(...)`): a future given to `block_on` runs on
     /// the calling thread, which stays where it was.

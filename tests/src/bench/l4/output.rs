@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::{Plan, Results};
+use crate::bench::cpu_latency::json_mode;
 use crate::bench::report::{fixed, round, Table};
 use crate::bench::rss::kib_to_mib;
 use crate::bench::stats::LatencySummary;
@@ -119,11 +120,7 @@ impl Summary {
         let (d, f, m) = (&r.direct, &r.relays, &r.mesh);
         let us = |v: f64| round(v, 1);
         Self {
-            mode: if mode.starts_with("poll") {
-                "poll"
-            } else {
-                "default"
-            },
+            mode: json_mode(mode),
             direct_gbps: round(d.gbps_one, 2),
             mesh_gbps: round(m.gbps_one, 2),
             throughput_ratio: round(m.gbps_one / d.gbps_one, 3),

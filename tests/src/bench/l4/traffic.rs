@@ -23,7 +23,7 @@ const OPEN_CONCURRENCY: usize = 32;
 
 /// How a client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Route {
+pub(crate) enum Route {
     Direct,
     /// SOCKS5 into the first of two plain relays: the topology's floor (`bench::relay`).
     Relays,
@@ -42,16 +42,16 @@ impl Route {
 
 /// Opens client connections from the client workload's IP along one route.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Dialer {
-    pub(super) route: Route,
-    pub(super) src: IpAddr,
-    pub(super) socks: SocketAddr,
+pub(crate) struct Dialer {
+    pub(crate) route: Route,
+    pub(crate) src: IpAddr,
+    pub(crate) socks: SocketAddr,
     /// (server, relay entry leading to it) for the servers the benchmark uses.
-    pub(super) relay_entries: [(SocketAddr, SocketAddr); 2],
+    pub(crate) relay_entries: [(SocketAddr, SocketAddr); 2],
 }
 
 impl Dialer {
-    pub(super) async fn dial(self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
+    pub(crate) async fn dial(self, dst: SocketAddr) -> anyhow::Result<TcpStream> {
         match self.route {
             Route::Direct => socks5::bound_connect(self.src, dst)
                 .await
@@ -150,7 +150,7 @@ async fn round_trip(
 }
 
 /// 1 KiB round trips on one kept-open connection, after a warm-up.
-pub(super) async fn request_response(
+pub(crate) async fn request_response(
     dialer: Dialer,
     dst: SocketAddr,
     samples: usize,

@@ -1,0 +1,333 @@
+//! The mesh started for real on a [`Topology`]: the `controller` binary in local mode in
+//! the fabric namespace, serving delta xDS and the CA on `FABRIC_IP:15010`, and one
+//! `ztunnel` process per node inside the node's namespace, each with its own bearer
+//! token. The controller's manifests are generated from the topology's pods (Namespace
+//! labelled ambient, Pod with `spec.nodeName` and `status.podIP`) plus the given Services.
+//!
+//! Service VIPs come from 10.96.0.0/16 (`SERVICE_CIDR`), which nothing routes: only a
+//! capturing ztunnel makes them reachable. This module starts and stops processes and
+//! waits for readiness; it must not judge traffic (tests do).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use rand::distr::{Alphanumeric, SampleString};
+
+use super::topology::{Pod, Topology};
+use crate::bench::loopback::{default_ztunnel_path, http_status, READINESS_PORT};
+use crate::bench::process::{ChildGuard, Spawn, Stdout};
+use crate::controlled::{controller_spawn, pod_in, tokens_yaml, write_atomic};
+
+/// Where Service VIPs are taken from (not routed anywhere).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The controller's plaintext gRPC port (delta xDS and CA) on the fabric address.
+pub const XDS_PORT: u16 = 15010;
+const STDERR_LINES: usize = 30;
+
+/// A Service selecting pods by their `app` label.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    /// From `SERVICE_CIDR`.
+    pub vip: Ipv4Addr,
+    /// The `app` label the selector matches.
+    pub app: String,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+impl ServiceSpec {
+    pub fn new(name: &str, vip: Ipv4Addr, app: &str, port: u16, target_port: u16) -> Self {
+        ServiceSpec {
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            vip,
+            app: app.to_owned(),
+            port,
+            target_port,
+        }
+    }
+
+    fn manifest(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\n\
+             spec: {{clusterIP: {}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n",
+            self.name, self.namespace, self.vip, self.app, self.port, self.target_port
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// The ztunnels' `--capture` mode (`iptables`, `ebpf`); `None` leaves the flag out.
+    pub capture: Option<String>,
+    pub services: Vec<ServiceSpec>,
+    /// More manifests for the controller (policies, ...): (file name, YAML).
+    pub manifests: Vec<(String, String)>,
+    /// Extra flags for every ztunnel.
+    pub ztunnel_args: Vec<String>,
+    /// `RUST_LOG` of the controller and the ztunnels.
+    pub log: String,
+    /// How long the controller and each ztunnel get to become ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            capture: Some("iptables".to_owned()),
+            services: Vec::new(),
+            manifests: Vec::new(),
+            ztunnel_args: Vec::new(),
+            log: "info".to_owned(),
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Dropping the mesh kills the ztunnels, then the controller, then deletes the topology.
+#[derive(Debug)]
+pub struct NetnsMesh {
+    // Field order is drop order.
+    ztunnels: Vec<ChildGuard>,
+    controller: ChildGuard,
+    /// The directory the controller follows; see [`NetnsMesh::write`].
+    pub config_dir: PathBuf,
+    dir: PathBuf,
+    pub topo: Topology,
+}
+
+impl NetnsMesh {
+    /// Writes manifests and tokens, starts the controller and waits until it serves, then
+    /// starts every node's ztunnel and waits until each answers `/healthz/ready` (it has
+    /// its first full config and certificates).
+    pub fn start(topo: Topology, opts: &MeshOptions) -> anyhow::Result<NetnsMesh> {
+        let dir = topo.work_dir.join("mesh");
+        let config_dir = dir.join("config");
+        std::fs::create_dir_all(&config_dir)
+            .with_context(|| format!("creating {}", config_dir.display()))?;
+        for (file, text) in manifests(&topo, opts) {
+            write_atomic(&dir, &config_dir, &file, &text)
+                .with_context(|| format!("writing manifest {file}"))?;
+        }
+        let tokens = write_tokens(&topo, &dir)?;
+        let controller = start_controller(&topo, &dir, &config_dir, opts)?;
+        let mut mesh = NetnsMesh {
+            ztunnels: Vec::new(),
+            controller,
+            config_dir,
+            dir,
+            topo,
+        };
+        for (i, token) in tokens.iter().enumerate() {
+            let ztunnel = mesh.start_ztunnel(i, token, opts)?;
+            mesh.ztunnels.push(ztunnel);
+        }
+        Ok(mesh)
+    }
+
+    /// Writes (or atomically replaces) one manifest file; the controller follows it.
+    pub fn write(&self, file: &str, text: &str) -> std::io::Result<()> {
+        write_atomic(&self.dir, &self.config_dir, file, text)
+    }
+
+    pub fn remove(&self, file: &str) -> std::io::Result<()> {
+        std::fs::remove_file(self.config_dir.join(file))
+    }
+
+    /// The access log (one JSON line per connection) of node `node`'s ztunnel so far.
+    pub fn access_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("ztunnel-{node}.access.log")))
+            .unwrap_or_default()
+    }
+
+    /// The ztunnel process of node `node`.
+    pub fn ztunnel(&mut self, node: &str) -> &mut ChildGuard {
+        let i = self.node_index(node);
+        &mut self.ztunnels[i]
+    }
+
+    pub fn controller(&mut self) -> &mut ChildGuard {
+        &mut self.controller
+    }
+
+    /// Every process's state and last log lines: for failure messages.
+    pub fn describe(&mut self) -> String {
+        let mut out = self.controller.describe(STDERR_LINES);
+        for z in &mut self.ztunnels {
+            let _ = write!(out, "\n{}", z.describe(STDERR_LINES));
+        }
+        out
+    }
+
+    fn node_index(&self, node: &str) -> usize {
+        self.topo
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+    }
+
+    fn start_ztunnel(
+        &mut self,
+        i: usize,
+        token: &Path,
+        opts: &MeshOptions,
+    ) -> anyhow::Result<ChildGuard> {
+        let node = &self.topo.nodes[i];
+        let xds = format!("http://{}:{XDS_PORT}", self.topo.fabric.ip);
+        let mut args: Vec<String> = [
+            "--node",
+            &node.name,
+            "--xds-address",
+            &xds,
+            "--token-file",
+            &token.display().to_string(),
+            "--listen-ip",
+            &node.ip.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(mode) = &opts.capture {
+            args.extend(["--capture".to_owned(), mode.clone()]);
+        }
+        args.extend(opts.ztunnel_args.iter().cloned());
+        let spec = Spawn {
+            name: format!("ztunnel {}", node.name),
+            program: default_ztunnel_path(),
+            args,
+            env: vec![("RUST_LOG".into(), opts.log.clone())],
+            stdout: Stdout::File(self.dir.join(format!("ztunnel-{}.access.log", node.name))),
+            stderr: self.dir.join(format!("ztunnel-{}.log", node.name)),
+            nofile: 65536,
+        };
+        let mut child = node.spawn(&spec);
+        let ready = SocketAddr::new(IpAddr::V4(node.ip), READINESS_PORT);
+        wait_child(&mut child, opts.ready_timeout, || {
+            node.block_on(http_status(ready, "/healthz/ready"))
+                .is_ok_and(|code| code == 200)
+        })?;
+        Ok(child)
+    }
+}
+
+impl Deref for NetnsMesh {
+    type Target = Topology;
+    fn deref(&self) -> &Topology {
+        &self.topo
+    }
+}
+
+/// Namespaces (ambient), pods and services, one file each.
+fn manifests(topo: &Topology, opts: &MeshOptions) -> Vec<(String, String)> {
+    let mut namespaces: Vec<&str> = topo.pods().map(|p| p.spec.namespace.as_str()).collect();
+    namespaces.extend(opts.services.iter().map(|s| s.namespace.as_str()));
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let mut out: Vec<(String, String)> = namespaces
+        .iter()
+        .map(|ns| {
+            let text = format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  \
+                 labels: {{istio.io/dataplane-mode: ambient}}\n"
+            );
+            (format!("namespace-{ns}.yaml"), text)
+        })
+        .collect();
+    out.extend(
+        topo.pods()
+            .map(|p| (format!("pod-{}.yaml", p.spec.name), pod_manifest(p))),
+    );
+    out.extend(opts.services.iter().map(|s| {
+        (
+            format!("service-{}-{}.yaml", s.namespace, s.name),
+            s.manifest(),
+        )
+    }));
+    out.extend(opts.manifests.iter().cloned());
+    out
+}
+
+fn pod_manifest(pod: &Pod) -> String {
+    let mut labels: Vec<(&str, &str)> = pod
+        .spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if !pod.spec.ambient {
+        labels.push(("istio.io/dataplane-mode", "none"));
+    }
+    pod_in(
+        &pod.spec.namespace,
+        &pod.spec.name,
+        &pod.spec.service_account,
+        &pod.node,
+        &pod.ip.to_string(),
+        &labels,
+    )
+}
+
+/// A fresh random token per node: the controller's token file and one file per ztunnel.
+fn write_tokens(topo: &Topology, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut rng = rand::rng();
+    let tokens: Vec<(&str, String)> = topo
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), Alphanumeric.sample_string(&mut rng, 32)))
+        .collect();
+    let listed: Vec<(&str, &str)> = tokens.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let file = dir.join("tokens.yaml");
+    std::fs::write(&file, tokens_yaml(&listed)).context("writing tokens.yaml")?;
+    let mut per_node = Vec::new();
+    for (node, token) in &tokens {
+        let path = dir.join(format!("{node}.token"));
+        std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
+        per_node.push(path);
+    }
+    Ok(per_node)
+}
+
+fn start_controller(
+    topo: &Topology,
+    dir: &Path,
+    config_dir: &Path,
+    opts: &MeshOptions,
+) -> anyhow::Result<ChildGuard> {
+    let grpc = SocketAddr::new(IpAddr::V4(topo.fabric.ip), XDS_PORT);
+    let mut spec = controller_spawn(dir, config_dir, &dir.join("tokens.yaml"), grpc);
+    spec.env = vec![("RUST_LOG".into(), opts.log.clone())];
+    let mut child = topo.fabric.spawn(&spec);
+    wait_child(&mut child, opts.ready_timeout, || {
+        topo.fabric
+            .run(|| TcpStream::connect_timeout(&grpc, Duration::from_millis(200)))
+            .is_ok()
+    })?;
+    Ok(child)
+}
+
+/// Polls `ready` every 50 ms until it holds, failing early if the child exits.
+fn wait_child(
+    child: &mut ChildGuard,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if child.exited().is_some() || start.elapsed() > limit {
+            let described = child.describe(STDERR_LINES);
+            let waited = start.elapsed();
+            bail!(
+                "{} not ready after {waited:.1?} (limit {limit:?}): {described}",
+                child.name()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The mesh run for real on network namespaces: the controller in the fabric, a ztunnel
+//! process per node, pods' unmodified clients (curl) and servers (Python's http.server).
+//! Root only (see `mesh_tests::netns`). The capture tests need `ztunnel --capture`.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use mesh_tests::netns::{
+    is_root, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec, ServiceSpec, Topology,
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn start(capture: Option<&str>) -> NetnsMesh {
+    assert!(is_root(), "netns_* tests need root");
+    let topo = Topology::build(&[
+        NodeSpec::new("node1", [PodSpec::new("client")]),
+        NodeSpec::new(
+            "node2",
+            [
+                PodSpec::new("server").label("app", "web"),
+                PodSpec::new("legacy").not_ambient(),
+            ],
+        ),
+    ]);
+    let opts = MeshOptions {
+        capture: capture.map(str::to_owned),
+        services: vec![ServiceSpec::new("web", VIP, "web", 80, 8080)],
+        ..MeshOptions::default()
+    };
+    NetnsMesh::start(topo, &opts).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn identity(pod: &Pod) -> String {
+    format!(
+        "spiffe://cluster.local/ns/{}/sa/{}",
+        pod.spec.namespace, pod.spec.service_account
+    )
+}
+
+/// Waits (5 s at most) for an access-log record of `node`'s ztunnel that `matches`.
+fn record(mesh: &mut NetnsMesh, node: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let log = mesh.access_log(node);
+        let found = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| matches(r));
+        if let Some(r) = found {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no such record on {node}: {log}\n{}",
+            mesh.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Without capture: both ztunnels take their config and certificates from the controller
+/// in the fabric, and know every pod of the topology by the address it has there.
+#[test]
+fn netns_mesh_nodes_get_config_from_the_fabric() {
+    let mut mesh = start(None);
+    for node in &mesh.topo.nodes {
+        let dump = node
+            .curl(&format!("http://{}:15000/config_dump", node.ip))
+            .unwrap();
+        for pod in mesh.pods() {
+            assert!(
+                dump.contains(&format!("\"{}\"", pod.ip)),
+                "{} does not know {} at {}: {dump}",
+                node.name,
+                pod.spec.name,
+                pod.ip
+            );
+        }
+        let local = node.pods.iter().find(|p| p.spec.ambient).unwrap();
+        assert!(
+            dump.contains(&identity(local)),
+            "{} has no certificate for {}: {dump}",
+            node.name,
+            local.spec.name
+        );
+    }
+    assert!(mesh.controller().exited().is_none());
+}
+
+/// An unmodified client in an ambient pod reaches a pod on the other node, by pod IP and
+/// by Service VIP; the destination's ztunnel saw the client's identity over mTLS, and the
+/// server saw the client's own address.
+#[test]
+fn netns_mesh_captured_pod_to_pod_across_nodes() {
+    let mut mesh = start(Some("iptables"));
+    let server = mesh.pod("server");
+    let http = server.hello_server(&mesh.work_dir);
+    let client = mesh.pod("client");
+    for url in [
+        format!("http://{}:8080/hello", server.ip),
+        format!("http://{VIP}/hello"),
+    ] {
+        let body = client.curl(&url).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body, "hello from server\n");
+    }
+    let client_ip = client.ip.to_string();
+    let want = identity(client);
+    let log = http.stderr_tail(5);
+    assert!(
+        log.contains(&format!("{client_ip} - - ")),
+        "server saw another source: {log}"
+    );
+    let rec = record(&mut mesh, "node2", |r| {
+        r["src_identity"] == want.as_str() && r["mtls"] == true
+    });
+    assert_eq!(
+        rec["src_addr"].as_str().unwrap().split(':').next(),
+        Some(client_ip.as_str())
+    );
+}

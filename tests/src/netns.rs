@@ -15,7 +15,9 @@ mod ns;
 mod tools;
 mod topology;
 
-pub use mesh::{MeshOptions, NetnsMesh, ServiceSpec, SERVICE_CIDR, XDS_PORT};
+pub use mesh::{
+    capture_mode, MeshOptions, NetnsMesh, ServiceSpec, CAPTURE_MODE_ENV, SERVICE_CIDR, XDS_PORT,
+};
 pub use names::{sweep_leftovers, PREFIX};
 pub use ns::{Netns, NETNS_DIR};
 pub use topology::{

@@ -4,7 +4,7 @@
 //! the destination pod answers with the address it saw, so a test can tell whether the
 //! client's own address survived the trip.
 //!
-//! The mode is `iptables` unless `MESH_CAPTURE_MODE` names another (`ebpf`). Root only
+//! The mode is `ebpf` unless `MESH_CAPTURE_MODE` names another (`iptables`). Root only
 //! (see `mesh_tests::netns`).
 
 use std::path::PathBuf;
@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use mesh_core::tls::CertificateAuthority;
 use mesh_tests::bench::process::{workspace_binary, ChildGuard, Spawn, Stdout};
-use mesh_tests::netns::{run_isolated, Netns, Node, NodeSpec, Pod, PodSpec, Topology};
+use mesh_tests::netns::{
+    capture_mode, run_isolated, Netns, Node, NodeSpec, Pod, PodSpec, Topology,
+};
 use serde_json::Value;
 
-const MODE_ENV: &str = "MESH_CAPTURE_MODE";
 const READY_URL: &str = "http://127.0.0.1:15021/healthz/ready";
 const SERVER_PORT: u16 = 8080;
 
@@ -33,10 +34,6 @@ while True:
     c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ip), ip.encode()))
     c.close()
 "#;
-
-fn mode() -> String {
-    std::env::var(MODE_ENV).unwrap_or_else(|_| "iptables".to_owned())
-}
 
 /// A ztunnel process in a node's namespace; its stdout holds the access log.
 struct Ztunnel {
@@ -76,7 +73,7 @@ fn start_ztunnel(topo: &Topology, node: &Node, config: &[String]) -> Ztunnel {
     let stdout = topo.work_dir.join(format!("ztunnel-{}.stdout", node.name));
     let mut args = vec!["--node".to_owned(), node.name.clone()];
     args.extend(config.iter().cloned());
-    args.extend(["--capture".to_owned(), mode()]);
+    args.extend(["--capture".to_owned(), capture_mode()]);
     let mut child = node.spawn(&Spawn {
         name: format!("ztunnel {}", node.name),
         program: workspace_binary("ztunnel", "ZTUNNEL_BIN"),

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use mesh_tests::netns::{
-    is_root, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec, ServiceSpec, Topology,
+    capture_mode, is_root, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec, ServiceSpec, Topology,
 };
 use serde_json::Value;
 
@@ -94,7 +94,7 @@ fn netns_mesh_nodes_get_config_from_the_fabric() {
 /// server saw the client's own address.
 #[test]
 fn netns_mesh_captured_pod_to_pod_across_nodes() {
-    let mut mesh = start(Some("iptables"));
+    let mut mesh = start(Some(&capture_mode()));
     let server = mesh.pod("server");
     let http = server.hello_server(&mesh.work_dir);
     let client = mesh.pod("client");

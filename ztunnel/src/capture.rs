@@ -11,6 +11,7 @@
 //! on the node when the ztunnel exits.
 
 mod cmd;
+mod ebpf;
 mod iptables;
 mod manager;
 mod plan;
@@ -151,7 +152,8 @@ pub fn open_backend(
             inbound_hbone: port(listeners.inbound_hbone)?,
             inbound_plaintext: port(listeners.inbound_plaintext)?,
         })?)),
-        CaptureMode::Ebpf | CaptureMode::None => Err(CaptureError::NoBackend { mode }),
+        CaptureMode::Ebpf => Ok(Box::new(ebpf::Ebpf::open(listeners)?)),
+        CaptureMode::None => Err(CaptureError::NoBackend { mode }),
     }
 }
 

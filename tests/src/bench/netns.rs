@@ -29,7 +29,7 @@ pub struct NetnsArgs {
     #[arg(long)]
     pub quick: bool,
     /// The ztunnels' --capture mode.
-    #[arg(long, default_value = "iptables")]
+    #[arg(long, default_value = "ebpf")]
     pub capture: String,
     /// Leave CPU idle states alone instead of holding /dev/cpu_dma_latency at 0.
     #[arg(long)]

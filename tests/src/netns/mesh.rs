@@ -77,10 +77,19 @@ pub struct MeshOptions {
     pub ready_timeout: Duration,
 }
 
+/// Environment variable naming the capture mode the netns tests run the ztunnels in.
+pub const CAPTURE_MODE_ENV: &str = "MESH_CAPTURE_MODE";
+
+/// `ebpf` (the design's capture), unless `MESH_CAPTURE_MODE` names another (`iptables`):
+/// CI runs the capture tests once in each mode.
+pub fn capture_mode() -> String {
+    std::env::var(CAPTURE_MODE_ENV).unwrap_or_else(|_| "ebpf".to_owned())
+}
+
 impl Default for MeshOptions {
     fn default() -> Self {
         MeshOptions {
-            capture: Some("iptables".to_owned()),
+            capture: Some(capture_mode()),
             services: Vec::new(),
             manifests: Vec::new(),
             ztunnel_args: Vec::new(),

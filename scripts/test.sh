@@ -16,7 +16,7 @@ cargo build --release --workspace --all-targets
 step "tests"
 cargo nextest run --release --workspace --no-fail-fast
 step "capture tests again, with the iptables TPROXY fallback (the run above used eBPF)"
-MESH_CAPTURE_MODE=iptables cargo nextest run --release -p mesh-tests --no-fail-fast \
+MESH_CAPTURE_MODE=iptables cargo nextest run --release --workspace --no-fail-fast \
   -E 'test(/^netns_capture_|^netns_mesh_/)'
 step "benchmark (short run; asserts nothing about speed)"
 cargo run --release -q -p mesh-tests --bin mesh-bench -- l4 --quick

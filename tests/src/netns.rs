@@ -20,6 +20,7 @@ pub use mesh::{
 };
 pub use names::{sweep_leftovers, PREFIX};
 pub use ns::{Netns, NETNS_DIR};
+pub use tools::wait_for_record;
 pub use topology::{
     node_ip, pod_cidr, pod_ip, Fabric, Node, NodeSpec, Pod, PodSpec, Topology, FABRIC_IP,
     POD_GATEWAY,

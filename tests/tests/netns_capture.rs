@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mesh_core::tls::CertificateAuthority;
 use mesh_tests::bench::process::{workspace_binary, ChildGuard, Spawn, Stdout};
 use mesh_tests::netns::{
-    capture_mode, run_isolated, Netns, Node, NodeSpec, Pod, PodSpec, Topology,
+    capture_mode, run_isolated, wait_for_record, Netns, Node, NodeSpec, Pod, PodSpec, Topology,
 };
 use serde_json::Value;
 
@@ -160,22 +160,14 @@ fn seen_by_server(from: &Netns, to: &Pod) -> String {
 /// The first access-log record of `zt` that `pred` accepts (waits up to 10 s: a record is
 /// written when its connection closes).
 fn access_log(zt: &Ztunnel, pred: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&zt.stdout).unwrap_or_default();
-        let found = (text.lines())
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|r| pred(r));
-        if let Some(record) = found {
-            return record;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no such access-log record in {}:\n{text}",
-            zt.stdout.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let read = || std::fs::read_to_string(&zt.stdout).unwrap_or_default();
+    wait_for_record(read, pred, Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "no such access-log record in {}:\n{}",
+            zt.stdout.display(),
+            read()
+        )
+    })
 }
 
 fn is(r: &Value, key: &str, want: &str) -> bool {

@@ -3,10 +3,11 @@
 //! Root only (see `mesh_tests::netns`). The capture tests need `ztunnel --capture`.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_tests::netns::{
-    capture_mode, is_root, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec, ServiceSpec, Topology,
+    capture_mode, is_root, wait_for_record, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec,
+    ServiceSpec, Topology,
 };
 use serde_json::Value;
 
@@ -41,23 +42,11 @@ fn identity(pod: &Pod) -> String {
 
 /// Waits (5 s at most) for an access-log record of `node`'s ztunnel that `matches`.
 fn record(mesh: &mut NetnsMesh, node: &str, matches: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
+    let found = wait_for_record(|| mesh.access_log(node), matches, Duration::from_secs(5));
+    found.unwrap_or_else(|| {
         let log = mesh.access_log(node);
-        let found = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|r| matches(r));
-        if let Some(r) = found {
-            return r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no such record on {node}: {log}\n{}",
-            mesh.describe()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        panic!("no such record on {node}: {log}\n{}", mesh.describe())
+    })
 }
 
 /// Without capture: both ztunnels take their config and certificates from the controller

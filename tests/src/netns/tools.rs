@@ -71,3 +71,22 @@ impl Pod {
         self.http_server(IpAddr::V4(self.ip), 8080, &root, &log)
     }
 }
+
+/// The first JSON access-log record that `matches`, read again from `read` every 50 ms
+/// (a record is written when its connection closes); `None` once `limit` has passed.
+pub fn wait_for_record(
+    read: impl Fn() -> String,
+    matches: impl Fn(&serde_json::Value) -> bool,
+    limit: Duration,
+) -> Option<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let found = (read().lines())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| matches(r));
+        if found.is_some() || start.elapsed() >= limit {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -23,8 +23,7 @@ use crate::kube_source::{self, SourceMetrics, Update};
 use crate::objects::{DirSource, Objects};
 use crate::serving::{self, ServingCert, ServingMetrics};
 use crate::translate::{self, AddressCache};
-use crate::xds::{Served, Snapshot, XdsMetrics, XdsServer};
-use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use crate::xds::{AdsService, Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::type_url;
 use mesh_core::tls::CertificateAuthority;
 use tokio::sync::mpsc;
@@ -266,7 +265,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         ca_metrics,
     );
     let ca_server = IstioCertificateServiceServer::new(service);
-    let ads_server = AggregatedDiscoveryServiceServer::new(xds);
+    let ads_server = AdsService::new(xds);
     let incoming = tonic::transport::server::TcpIncoming::bind(cfg.grpc_addr)
         .map_err(|e| anyhow::anyhow!("binding gRPC on {}: {e}", cfg.grpc_addr))?;
     let grpc = incoming.local_addr()?;

@@ -13,10 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use mesh_core::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use bytes::Bytes;
+use mesh_core::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -28,6 +26,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 pub mod status;
+pub mod wire;
+
+pub use wire::{AdsService, EncodedResponse};
 
 /// One resource as served: its version and its encoded form (shared by the snapshots
 /// and pushes that carry it, copied only into a response being written).
@@ -77,13 +78,8 @@ impl Served {
         }
     }
 
-    fn to_resource(&self, name: &str) -> Resource {
-        Resource {
-            name: name.to_owned(),
-            version: self.version.clone(),
-            resource: Some(prost_types::Any::clone(&self.resource)),
-            ..Default::default()
-        }
+    fn encode(&self, name: &str) -> Bytes {
+        wire::encode_resource(name, &self.version, &self.resource)
     }
 }
 
@@ -138,10 +134,11 @@ impl XdsMetrics {
 }
 
 /// What changed between two versions of one type's resources, and where it is cut into
-/// responses.
+/// responses. Resources are held encoded (`Resource` messages), made once per delta and
+/// shared by every stream that sends it.
 #[derive(Debug)]
 struct Delta {
-    resources: Vec<(String, Served)>,
+    resources: Vec<Bytes>,
     removed: Vec<String>,
     /// The end (in `resources`) of each response; the removals go with the first.
     ends: Vec<usize>,
@@ -171,13 +168,9 @@ impl Delta {
     fn cut(mut self) -> Delta {
         self.ends.clear();
         let mut bytes = 0;
-        for (i, (name, r)) in self.resources.iter().enumerate() {
-            // Near enough: the fields' bytes, and some for their tags and lengths.
-            let len = name.len()
-                + r.version.len()
-                + r.resource.type_url.len()
-                + r.resource.value.len()
-                + 16;
+        for (i, r) in self.resources.iter().enumerate() {
+            // Exact: the field's tag, length and bytes.
+            let len = prost::encoding::bytes::encoded_len(2, r);
             if bytes > 0 && bytes + len > RESPONSE_BYTES {
                 self.ends.push(i);
                 bytes = 0;
@@ -189,23 +182,19 @@ impl Delta {
     }
 
     /// Response `i` of the push (`None` past the last).
-    fn response(&self, i: usize, type_url: &str, nonce: String) -> Option<DeltaDiscoveryResponse> {
+    fn response(&self, i: usize, type_url: &str, nonce: String) -> Option<EncodedResponse> {
         let end = *self.ends.get(i)?;
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        Some(DeltaDiscoveryResponse {
+        Some(EncodedResponse {
             system_version_info: mesh_core::xds::part_marker(i, self.ends.len()),
             type_url: type_url.to_owned(),
-            resources: self.resources[start..end]
-                .iter()
-                .map(|(name, r)| r.to_resource(name))
-                .collect(),
+            resources: self.resources[start..end].to_vec(),
             removed_resources: if i == 0 {
                 self.removed.clone()
             } else {
                 Vec::new()
             },
             nonce,
-            ..Default::default()
         })
     }
 
@@ -221,7 +210,7 @@ impl Delta {
                     old.next();
                 }
                 (None, Some((name, s))) => {
-                    delta.resources.push(((*name).clone(), (*s).clone()));
+                    delta.resources.push(s.encode(name));
                     new.next();
                 }
                 (Some((o, os)), Some((n, ns))) => match o.cmp(n) {
@@ -230,12 +219,12 @@ impl Delta {
                         old.next();
                     }
                     std::cmp::Ordering::Greater => {
-                        delta.resources.push(((*n).clone(), (*ns).clone()));
+                        delta.resources.push(ns.encode(n));
                         new.next();
                     }
                     std::cmp::Ordering::Equal => {
                         if os.version != ns.version {
-                            delta.resources.push(((*n).clone(), (*ns).clone()));
+                            delta.resources.push(ns.encode(n));
                         }
                         old.next();
                         new.next();
@@ -251,7 +240,7 @@ impl Delta {
             resources: to
                 .iter()
                 .filter(|(name, s)| held.get(*name) != Some(&s.version))
-                .map(|(name, s)| (name.clone(), s.clone()))
+                .map(|(name, s)| s.encode(name))
                 .collect(),
             removed: held
                 .keys()
@@ -388,7 +377,7 @@ struct Responses {
 }
 
 impl Iterator for Responses {
-    type Item = Result<DeltaDiscoveryResponse, Status>;
+    type Item = Result<EncodedResponse, Status>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let push = &self.push;
@@ -490,16 +479,11 @@ impl Stream_ {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<EncodedResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for XdsServer {
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+impl XdsServer {
+    /// One proxy's delta ADS stream (`wire::AdsService` calls this).
+    fn open(&self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<ResponseStream> {
         let tracked = self.status.open(request.remote_addr());
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
@@ -545,7 +529,7 @@ impl AggregatedDiscoveryService for XdsServer {
                 metrics: metrics.clone(),
             })
         });
-        Ok(Response::new(Box::pin(out) as ResponseStream))
+        Response::new(Box::pin(out) as ResponseStream)
     }
 }
 

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use mesh_core::proto::envoy::config::core::v3::Node;
 use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use mesh_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use mesh_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
 use mesh_core::proto::google::rpc;
 use mesh_core::proto::istio::workload::{address, Address, Workload};
 use mesh_core::proto::type_url::ADDRESS;
 use prometheus_client::registry::Registry;
+use prost::Message as _;
 
 use super::*;
 
@@ -125,7 +126,7 @@ async fn serve(
     let server = XdsServer::new(rx, metrics.clone());
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(server))
+            .add_service(super::AdsService::new(server))
             .serve_with_incoming(incoming),
     );
     (addr, tx, metrics)
@@ -252,4 +253,38 @@ async fn a_large_push_comes_in_responses_of_bounded_size() {
     assert_eq!(delta.system_version_info, "", "a small push is whole");
     assert_eq!(names(&delta), set(&["workload-00007"]));
     assert_eq!(delta.removed_resources, vec!["workload-00009".to_owned()]);
+}
+
+/// A response made of pre-encoded resources decodes, as a proxy's generated type, into
+/// exactly the response built field by field; and back.
+#[test]
+fn encoded_responses_are_delta_discovery_responses_on_the_wire() {
+    let (a, b) = (workload("pod-a", "node1"), workload("pod-b", "node2"));
+    let encoded = EncodedResponse {
+        system_version_info: mesh_core::xds::part_marker(0, 2),
+        resources: vec![a.encode("pod-a"), b.encode("pod-b")],
+        type_url: ADDRESS.to_owned(),
+        removed_resources: vec!["gone-1".into(), "gone-2".into()],
+        nonce: "7".into(),
+    };
+    let bytes = encoded.encode_to_vec();
+    assert_eq!(bytes.len(), encoded.encoded_len());
+    let resource = |name: &str, s: &Served| Resource {
+        name: name.into(),
+        version: s.version.clone(),
+        resource: Some((*s.resource).clone()),
+        ..Default::default()
+    };
+    let want = DeltaDiscoveryResponse {
+        system_version_info: encoded.system_version_info.clone(),
+        resources: vec![resource("pod-a", &a), resource("pod-b", &b)],
+        type_url: ADDRESS.to_owned(),
+        removed_resources: encoded.removed_resources.clone(),
+        nonce: "7".into(),
+        ..Default::default()
+    };
+    assert_eq!(DeltaDiscoveryResponse::decode(&bytes[..]).unwrap(), want);
+    assert_eq!(EncodedResponse::decode(&bytes[..]).unwrap(), encoded);
+    let generated = want.encode_to_vec();
+    assert_eq!(EncodedResponse::decode(&generated[..]).unwrap(), encoded);
 }

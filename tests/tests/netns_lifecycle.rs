@@ -87,46 +87,62 @@ fn receive(listener: &TcpListener, keep: usize) -> std::io::Result<Received> {
     };
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    let (mut hash, mut bytes, mut head) = (Sha256::new(), 0u64, Vec::new());
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        bytes += n as u64;
-        let room = keep.saturating_sub(head.len()).min(n);
-        head.extend_from_slice(&buf[..room]);
-    }
+    let mut head = Head {
+        keep,
+        bytes: Vec::new(),
+    };
+    let (bytes, sha256) = copy_hashed(&mut conn, &mut head)?;
     Ok(Received {
         bytes,
-        sha256: hash.finalize().into(),
-        head,
+        sha256,
+        head: head.bytes,
     })
+}
+
+/// Copies `from` to `to` until EOF; the bytes copied and their SHA-256.
+fn copy_hashed(mut from: impl Read, mut to: impl Write) -> std::io::Result<(u64, [u8; 32])> {
+    let (mut hash, mut bytes) = (Sha256::new(), 0u64);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok((bytes, hash.finalize().into()));
+        }
+        hash.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
+        bytes += n as u64;
+    }
+}
+
+/// Keeps the first `keep` bytes written to it and discards the rest.
+struct Head {
+    keep: usize,
+    bytes: Vec<u8>,
+}
+
+impl Write for Head {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.keep.saturating_sub(self.bytes.len()).min(buf.len());
+        self.bytes.extend_from_slice(&buf[..room]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Connects from `pod` to `to`, sends all of `data`, half-closes and waits for the peer
 /// to close (so everything was delivered); the bytes sent and their SHA-256.
-fn send(pod: &Pod, to: SocketAddr, mut data: impl Read) -> std::io::Result<(u64, [u8; 32])> {
+fn send(pod: &Pod, to: SocketAddr, data: impl Read) -> std::io::Result<(u64, [u8; 32])> {
     let mut conn = pod.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    let (mut hash, mut bytes) = (Sha256::new(), 0u64);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = data.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        conn.write_all(&buf[..n])?;
-        bytes += n as u64;
-    }
+    let sent = copy_hashed(data, &mut conn)?;
     conn.shutdown(Shutdown::Write)?;
     let closed = conn.read(&mut [0u8; 1])?;
     assert_eq!(closed, 0, "the sink answered instead of closing");
-    Ok((bytes, hash.finalize().into()))
+    Ok(sent)
 }
 
 /// One transfer of `data` from `client` to the sink in `server`, both ends run at once.

@@ -65,10 +65,9 @@ struct Received {
     head: Vec<u8>,
 }
 
-/// Binds the test's sink in `pod` (the socket stays in the pod's namespace).
-fn sink(pod: &Pod) -> TcpListener {
-    let at = addr(pod, SINK_PORT);
-    pod.run(|| TcpListener::bind(at))
+/// Binds the test's sink on `at` in `ns` (the socket stays in that namespace).
+fn sink(ns: &Netns, at: SocketAddr) -> TcpListener {
+    ns.run(|| TcpListener::bind(at))
         .unwrap_or_else(|e| panic!("binding the sink on {at}: {e}"))
 }
 
@@ -132,10 +131,10 @@ impl Write for Head {
     }
 }
 
-/// Connects from `pod` to `to`, sends all of `data`, half-closes and waits for the peer
+/// Connects from `ns` to `to`, sends all of `data`, half-closes and waits for the peer
 /// to close (so everything was delivered); the bytes sent and their SHA-256.
-fn send(pod: &Pod, to: SocketAddr, data: impl Read) -> std::io::Result<(u64, [u8; 32])> {
-    let mut conn = pod.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))?;
+fn send(ns: &Netns, to: SocketAddr, data: impl Read) -> std::io::Result<(u64, [u8; 32])> {
+    let mut conn = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
     let sent = copy_hashed(data, &mut conn)?;
@@ -145,13 +144,18 @@ fn send(pod: &Pod, to: SocketAddr, data: impl Read) -> std::io::Result<(u64, [u8
     Ok(sent)
 }
 
-/// One transfer of `data` from `client` to the sink in `server`, both ends run at once.
-fn transfer(client: &Pod, server: &Pod, data: impl Read + Send, keep: usize) -> Transfer {
-    let listener = sink(server);
+/// One transfer of `data` from `client` to a sink on `to` in `server`, both ends at once.
+fn transfer(
+    (client, server): (&Netns, &Netns),
+    to: SocketAddr,
+    data: impl Read + Send,
+    keep: usize,
+) -> Transfer {
+    let listener = sink(server, to);
     let started = Instant::now();
     let (sent, received) = std::thread::scope(|s| {
         let rx = s.spawn(|| receive(&listener, keep));
-        let sent = send(client, addr(server, SINK_PORT), data);
+        let sent = send(client, to, data);
         (sent, rx.join().expect("sink thread"))
     });
     let (sent, received) = match (sent, received) {
@@ -227,10 +231,11 @@ struct Tcpdump {
 }
 
 impl Tcpdump {
-    /// Starts tcpdump on `iface` in `ns` and returns once it says it is listening.
-    fn start(ns: &Netns, iface: &str, dir: &Path) -> Tcpdump {
-        let file = dir.join(format!("{}-{iface}.pcap", ns.name()));
-        let log = dir.join(format!("tcpdump-{}-{iface}.log", ns.name()));
+    /// Starts tcpdump on `iface` in `ns` and returns once it says it is listening; its
+    /// files in `dir` are named after `label`.
+    fn start(ns: &Netns, iface: &str, label: &str, dir: &Path) -> Tcpdump {
+        let file = dir.join(format!("{label}.pcap"));
+        let log = dir.join(format!("tcpdump-{label}.log"));
         let mut child = ns.spawn(&Spawn {
             name: format!("tcpdump {iface} in {}", ns.name()),
             program: "tcpdump".into(),
@@ -332,30 +337,67 @@ fn marker_payload() -> (String, Vec<u8>) {
     (marker, payload)
 }
 
+/// Sends `payload` from `client` to a sink on `to` in `server` while tcpdump captures
+/// node1's uplink; the capture, once the sink has received the payload whole.
+fn captured_transfer(
+    mesh: &NetnsMesh,
+    label: &str,
+    (client, server): (&Netns, &Netns),
+    to: SocketAddr,
+    payload: &[u8],
+) -> Vec<u8> {
+    let dump = Tcpdump::start(mesh.node("node1"), "eth0", label, &mesh.work_dir);
+    let done = transfer((client, server), to, payload, payload.len());
+    let pcap = dump.stop();
+    assert_eq!(
+        done.received.head, payload,
+        "{label}: the sink got other bytes"
+    );
+    pcap
+}
+
 /// What crosses between the nodes while an ambient pod sends a known payload to an
 /// ambient pod on the other node: captured on node1's uplink, every TCP segment not to or
 /// from the controller has HBONE's port 15008 on one side, the HBONE connection carries
 /// TLS records (a handshake record opening a segment, application-data records), at least
-/// as many bytes as the payload go toward the server's 15008, and the payload's marker
-/// appears nowhere in the capture, while the server received it whole.
+/// as many bytes as the payload go toward 15008, and the payload's marker appears nowhere
+/// in the capture, while the server received it whole and its node's ztunnel logged the
+/// client's identity over mTLS. A control first sends the same payload between the nodes
+/// themselves (not captured): there the same capture and parser must find it in clear.
 #[test]
 fn netns_mesh_wire_carries_only_tls_on_hbone() {
     let mut mesh = start();
     let (marker, payload) = marker_payload();
-    let dump = Tcpdump::start(mesh.node("node1"), "eth0", &mesh.work_dir);
+    let (node1, node2) = (mesh.node("node1"), mesh.node("node2"));
+    let to = SocketAddr::new(IpAddr::V4(node2.ip), SINK_PORT);
+    let clear = captured_transfer(&mesh, "control", (node1, node2), to, &payload);
+    let seen = (tcp_segments(&clear).iter())
+        .any(|s| s.dport == SINK_PORT && contains(&s.payload, marker.as_bytes()));
+    assert!(
+        seen,
+        "control: the payload sent in clear is not in the capture"
+    );
+
     let (client, server) = (mesh.pod("client"), mesh.pod("server"));
-    let done = transfer(client, server, &payload[..], payload.len());
+    let to = addr(server, SINK_PORT);
+    let pcap = captured_transfer(&mesh, "mesh", (client, server), to, &payload);
     let client_id = identity(client);
     mesh.expect_record(
         "node2",
         |r| r["src_identity"] == client_id.as_str() && r["mtls"] == true,
         Duration::from_secs(5),
     );
-    let pcap = dump.stop();
-    assert_eq!(done.received.head, payload, "the server got other bytes");
+    assert_only_tls_on_hbone(&pcap, mesh.fabric.ip, payload.len());
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "the payload crossed in clear"
+    );
+}
 
-    let segments = tcp_segments(&pcap);
-    let fabric = mesh.fabric.ip;
+/// See `netns_mesh_wire_carries_only_tls_on_hbone`; segments to or from `fabric` (the
+/// controller) are left out.
+fn assert_only_tls_on_hbone(pcap: &[u8], fabric: Ipv4Addr, payload_len: usize) {
+    let segments = tcp_segments(pcap);
     let between_nodes: Vec<&Segment> = (segments.iter())
         .filter(|s| s.src != fabric && s.dst != fabric)
         .collect();
@@ -373,21 +415,14 @@ fn netns_mesh_wire_carries_only_tls_on_hbone() {
     let to_hbone: Vec<&&Segment> = (between_nodes.iter())
         .filter(|s| s.dport == 15008)
         .collect();
-    let handshake = to_hbone
-        .iter()
-        .any(|s| s.payload.starts_with(&[0x16, 0x03]));
+    let handshake = (to_hbone.iter()).any(|s| s.payload.starts_with(&[0x16, 0x03]));
     let app_data = (between_nodes.iter()).any(|s| contains(&s.payload, &[0x17, 0x03, 0x03]));
     assert!(handshake, "no TLS handshake record toward port 15008");
     assert!(app_data, "no TLS application-data record on the wire");
     let encrypted: usize = to_hbone.iter().map(|s| s.payload.len()).sum();
     assert!(
-        encrypted >= payload.len(),
-        "{encrypted} bytes toward port 15008 carried a {}-byte payload",
-        payload.len()
-    );
-    assert!(
-        !contains(&pcap, marker.as_bytes()),
-        "the payload crossed in clear"
+        encrypted >= payload_len,
+        "{encrypted} bytes toward port 15008 carried a {payload_len}-byte payload"
     );
 }
 
@@ -528,7 +563,8 @@ fn netns_mesh_bulk_transfers_arrive_intact() {
 
     const GIB: u64 = 1 << 30;
     let (client, server) = (mesh.pod("client"), mesh.pod("server"));
-    let done = transfer(client, server, RandomBytes { left: GIB }, 0);
+    let to = addr(server, SINK_PORT);
+    let done = transfer((client, server), to, RandomBytes { left: GIB }, 0);
     assert_eq!(done.sent.0, GIB);
     assert_eq!(done.received.bytes, GIB, "bytes received");
     assert_eq!(done.received.sha256, done.sent.1, "SHA-256 of the data");

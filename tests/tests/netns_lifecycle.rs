@@ -451,38 +451,60 @@ fn netns_mesh_ztunnel_restart_recovers_capture() {
         ("node2", "TERM"),
         ("node2", "KILL"),
     ] {
-        let exited = signal_and_wait(mesh.ztunnel(node), signal, Duration::from_secs(10));
-        assert!(exited, "{node} ignored SIG{signal}: {}", mesh.describe());
-        let (down, took) = timed_curl(mesh.pod("client"), &url);
-        println!("{node} down after SIG{signal}: {down:?} in {took:.2?}");
-        assert!(
-            took < HANG_BOUND,
-            "{node} down after SIG{signal}: the connection hung {took:.2?} ({down:?}); \
-             node's capture state:\n{}",
-            capture_state(mesh.node(node))
-        );
+        check_down(&mut mesh, node, signal, &url);
         mesh.restart_ztunnel(node)
             .unwrap_or_else(|e| panic!("restarting {node}: {e:#}"));
-        let before = mtls_records(&mesh, "node2", mesh.pod("client"));
-        let (up, took) = timed_curl(mesh.pod("client"), &url);
-        assert_eq!(
-            up.as_deref(),
-            Ok("hello from server\n"),
-            "after restarting {node} ({took:.2?}): {}",
-            mesh.describe()
-        );
-        let start = Instant::now();
-        while mtls_records(&mesh, "node2", mesh.pod("client")) <= before {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "no new mTLS record on node2 after restarting {node}: {}\n{}",
-                mesh.access_log("node2"),
-                mesh.describe()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        check_back(&mut mesh, node, &url);
     }
     drop(http);
+}
+
+/// Stops `node`'s ztunnel with `signal`; then nothing of it may be left running in the
+/// node's namespace (the iptables janitor exits once it has unhooked the rules) and a
+/// connection from the client pod must not hang.
+fn check_down(mesh: &mut NetnsMesh, node: &str, signal: &str, url: &str) {
+    let exited = signal_and_wait(mesh.ztunnel(node), signal, Duration::from_secs(10));
+    assert!(exited, "{node} ignored SIG{signal}: {}", mesh.describe());
+    let start = Instant::now();
+    while !mesh.node(node).pids().is_empty() {
+        let left = mesh.node(node).pids();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "processes left in {node} after its ztunnel's SIG{signal}: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (down, took) = timed_curl(mesh.pod("client"), url);
+    println!("{node} down after SIG{signal}: {down:?} in {took:.2?}");
+    assert!(
+        took < HANG_BOUND,
+        "{node} down after SIG{signal}: the connection hung {took:.2?} ({down:?}); \
+         node's capture state:\n{}",
+        capture_state(mesh.node(node))
+    );
+}
+
+/// After `node`'s ztunnel was started again: the client pod reaches the server, and
+/// node2's ztunnel logs a new connection from the client's identity over mTLS.
+fn check_back(mesh: &mut NetnsMesh, node: &str, url: &str) {
+    let before = mtls_records(mesh, "node2", mesh.pod("client"));
+    let (up, took) = timed_curl(mesh.pod("client"), url);
+    assert_eq!(
+        up.as_deref(),
+        Ok("hello from server\n"),
+        "after restarting {node} ({took:.2?}): {}",
+        mesh.describe()
+    );
+    let start = Instant::now();
+    while mtls_records(mesh, "node2", mesh.pod("client")) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no new mTLS record on node2 after restarting {node}: {}\n{}",
+            mesh.access_log("node2"),
+            mesh.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The node's iptables mangle rules and policy routing: for failure messages.

@@ -254,6 +254,17 @@ impl Tcpdump {
         Tcpdump { child, file }
     }
 
+    /// Stops tcpdump once the capture so far satisfies `seen` (or `limit` has passed):
+    /// tcpdump may lag behind the wire on a loaded machine, and what it has not read
+    /// when it stops is lost.
+    fn stop_when(self, seen: impl Fn(&[u8]) -> bool, limit: Duration) -> Vec<u8> {
+        let start = Instant::now();
+        while start.elapsed() < limit && !seen(&std::fs::read(&self.file).unwrap_or_default()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop()
+    }
+
     /// Stops tcpdump (SIGINT: it flushes and exits) and returns the capture.
     fn stop(mut self) -> Vec<u8> {
         let stopped = signal_and_wait(&mut self.child, "INT", Duration::from_secs(5));
@@ -337,18 +348,28 @@ fn marker_payload() -> (String, Vec<u8>) {
     (marker, payload)
 }
 
+/// TCP payload bytes toward port `dport` in a capture.
+fn bytes_to_port(pcap: &[u8], dport: u16) -> usize {
+    (tcp_segments(pcap).iter())
+        .filter(|s| s.dport == dport)
+        .map(|s| s.payload.len())
+        .sum()
+}
+
 /// Sends `payload` from `client` to a sink on `to` in `server` while tcpdump captures
-/// node1's uplink; the capture, once the sink has received the payload whole.
+/// node1's uplink; the capture, once the sink has received the payload whole and the
+/// capture holds as many bytes toward `wire_port` (5 s at most).
 fn captured_transfer(
     mesh: &NetnsMesh,
     label: &str,
     (client, server): (&Netns, &Netns),
-    to: SocketAddr,
+    (to, wire_port): (SocketAddr, u16),
     payload: &[u8],
 ) -> Vec<u8> {
     let dump = Tcpdump::start(mesh.node("node1"), "eth0", label, &mesh.work_dir);
     let done = transfer((client, server), to, payload, payload.len());
-    let pcap = dump.stop();
+    let seen = |pcap: &[u8]| bytes_to_port(pcap, wire_port) >= payload.len();
+    let pcap = dump.stop_when(seen, Duration::from_secs(5));
     assert_eq!(
         done.received.head, payload,
         "{label}: the sink got other bytes"
@@ -370,7 +391,7 @@ fn netns_mesh_wire_carries_only_tls_on_hbone() {
     let (marker, payload) = marker_payload();
     let (node1, node2) = (mesh.node("node1"), mesh.node("node2"));
     let to = SocketAddr::new(IpAddr::V4(node2.ip), SINK_PORT);
-    let clear = captured_transfer(&mesh, "control", (node1, node2), to, &payload);
+    let clear = captured_transfer(&mesh, "control", (node1, node2), (to, SINK_PORT), &payload);
     let seen = (tcp_segments(&clear).iter())
         .any(|s| s.dport == SINK_PORT && contains(&s.payload, marker.as_bytes()));
     assert!(
@@ -380,7 +401,7 @@ fn netns_mesh_wire_carries_only_tls_on_hbone() {
 
     let (client, server) = (mesh.pod("client"), mesh.pod("server"));
     let to = addr(server, SINK_PORT);
-    let pcap = captured_transfer(&mesh, "mesh", (client, server), to, &payload);
+    let pcap = captured_transfer(&mesh, "mesh", (client, server), (to, 15008), &payload);
     let client_id = identity(client);
     mesh.expect_record(
         "node2",
@@ -419,7 +440,7 @@ fn assert_only_tls_on_hbone(pcap: &[u8], fabric: Ipv4Addr, payload_len: usize) {
     let app_data = (between_nodes.iter()).any(|s| contains(&s.payload, &[0x17, 0x03, 0x03]));
     assert!(handshake, "no TLS handshake record toward port 15008");
     assert!(app_data, "no TLS application-data record on the wire");
-    let encrypted: usize = to_hbone.iter().map(|s| s.payload.len()).sum();
+    let encrypted = bytes_to_port(pcap, 15008);
     assert!(
         encrypted >= payload_len,
         "{encrypted} bytes toward port 15008 carried a {payload_len}-byte payload"

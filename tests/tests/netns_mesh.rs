@@ -6,10 +6,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use mesh_tests::netns::{
-    capture_mode, is_root, wait_for_record, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec,
-    ServiceSpec, Topology,
+    capture_mode, identity, is_root, MeshOptions, NetnsMesh, NodeSpec, PodSpec, ServiceSpec,
+    Topology,
 };
-use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -31,22 +30,6 @@ fn start(capture: Option<&str>) -> NetnsMesh {
         ..MeshOptions::default()
     };
     NetnsMesh::start(topo, &opts).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn identity(pod: &Pod) -> String {
-    format!(
-        "spiffe://cluster.local/ns/{}/sa/{}",
-        pod.spec.namespace, pod.spec.service_account
-    )
-}
-
-/// Waits (5 s at most) for an access-log record of `node`'s ztunnel that `matches`.
-fn record(mesh: &mut NetnsMesh, node: &str, matches: impl Fn(&Value) -> bool) -> Value {
-    let found = wait_for_record(|| mesh.access_log(node), matches, Duration::from_secs(5));
-    found.unwrap_or_else(|| {
-        let log = mesh.access_log(node);
-        panic!("no such record on {node}: {log}\n{}", mesh.describe())
-    })
 }
 
 /// Without capture: both ztunnels take their config and certificates from the controller
@@ -101,9 +84,11 @@ fn netns_mesh_captured_pod_to_pod_across_nodes() {
         log.contains(&format!("{client_ip} - - ")),
         "server saw another source: {log}"
     );
-    let rec = record(&mut mesh, "node2", |r| {
-        r["src_identity"] == want.as_str() && r["mtls"] == true
-    });
+    let rec = mesh.expect_record(
+        "node2",
+        |r| r["src_identity"] == want.as_str() && r["mtls"] == true,
+        Duration::from_secs(5),
+    );
     assert_eq!(
         rec["src_addr"].as_str().unwrap().split(':').next(),
         Some(client_ip.as_str())

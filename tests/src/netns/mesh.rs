@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rand::distr::{Alphanumeric, SampleString};
 
+use super::tools::wait_for_record;
 use super::topology::{Pod, Topology};
 use crate::bench::loopback::{default_ztunnel_path, http_status, READINESS_PORT};
 use crate::bench::process::{ChildGuard, Spawn, Stdout};
@@ -105,6 +106,8 @@ pub struct NetnsMesh {
     // Field order is drop order.
     ztunnels: Vec<ChildGuard>,
     controller: ChildGuard,
+    /// Kept to start a ztunnel again with the same flags ([`NetnsMesh::restart_ztunnel`]).
+    opts: MeshOptions,
     /// The directory the controller follows; see [`NetnsMesh::write`].
     pub config_dir: PathBuf,
     dir: PathBuf,
@@ -129,12 +132,13 @@ impl NetnsMesh {
         let mut mesh = NetnsMesh {
             ztunnels: Vec::new(),
             controller,
+            opts: opts.clone(),
             config_dir,
             dir,
             topo,
         };
         for (i, token) in tokens.iter().enumerate() {
-            let ztunnel = mesh.start_ztunnel(i, token, opts)?;
+            let ztunnel = mesh.start_ztunnel(i, token)?;
             mesh.ztunnels.push(ztunnel);
         }
         Ok(mesh)
@@ -174,6 +178,53 @@ impl NetnsMesh {
         out
     }
 
+    /// Starts node `node`'s ztunnel again, with the same flags and token, and waits until
+    /// it is ready; a ztunnel still running is killed (SIGKILL) first. The previous run's
+    /// logs are kept as `ztunnel-<node>.previous.{log,access.log}`; `access_log` reads
+    /// the new run's.
+    pub fn restart_ztunnel(&mut self, node: &str) -> anyhow::Result<()> {
+        let i = self.node_index(node);
+        let old = &mut self.ztunnels[i];
+        if old.exited().is_none() {
+            let pid = old.pid().to_string();
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .context("running kill")?;
+            let start = Instant::now();
+            while old.exited().is_none() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if old.exited().is_none() {
+                bail!("{} did not exit after SIGKILL", old.name());
+            }
+        }
+        for log in ["log", "access.log"] {
+            let from = self.dir.join(format!("ztunnel-{node}.{log}"));
+            let to = self.dir.join(format!("ztunnel-{node}.previous.{log}"));
+            std::fs::rename(&from, &to).with_context(|| format!("keeping {}", from.display()))?;
+        }
+        let token = token_path(&self.dir, node);
+        self.ztunnels[i] = self.start_ztunnel(i, &token)?;
+        Ok(())
+    }
+
+    /// The first record of `node`'s access log that `matches`, waiting up to `limit` for
+    /// it (records are written when connections close); panics, with every process's
+    /// state, when none comes.
+    pub fn expect_record(
+        &mut self,
+        node: &str,
+        matches: impl Fn(&serde_json::Value) -> bool,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let found = wait_for_record(|| self.access_log(node), matches, limit);
+        found.unwrap_or_else(|| {
+            let log = self.access_log(node);
+            panic!("no such record on {node}: {log}\n{}", self.describe())
+        })
+    }
+
     fn node_index(&self, node: &str) -> usize {
         self.topo
             .nodes
@@ -182,13 +233,9 @@ impl NetnsMesh {
             .unwrap_or_else(|| panic!("no node {node}"))
     }
 
-    fn start_ztunnel(
-        &mut self,
-        i: usize,
-        token: &Path,
-        opts: &MeshOptions,
-    ) -> anyhow::Result<ChildGuard> {
+    fn start_ztunnel(&self, i: usize, token: &Path) -> anyhow::Result<ChildGuard> {
         let node = &self.topo.nodes[i];
+        let opts = &self.opts;
         let xds = format!("http://{}:{XDS_PORT}", self.topo.fabric.ip);
         let mut args: Vec<String> = [
             "--node",
@@ -230,6 +277,14 @@ impl Deref for NetnsMesh {
     fn deref(&self) -> &Topology {
         &self.topo
     }
+}
+
+/// The SPIFFE identity the mesh gives `pod` (from its namespace and service account).
+pub fn identity(pod: &Pod) -> String {
+    format!(
+        "spiffe://cluster.local/ns/{}/sa/{}",
+        pod.spec.namespace, pod.spec.service_account
+    )
 }
 
 /// Namespaces (ambient), pods and services, one file each.
@@ -295,11 +350,15 @@ fn write_tokens(topo: &Topology, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::write(&file, tokens_yaml(&listed)).context("writing tokens.yaml")?;
     let mut per_node = Vec::new();
     for (node, token) in &tokens {
-        let path = dir.join(format!("{node}.token"));
+        let path = token_path(dir, node);
         std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
         per_node.push(path);
     }
     Ok(per_node)
+}
+
+fn token_path(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.token"))
 }
 
 fn start_controller(

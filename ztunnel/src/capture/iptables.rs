@@ -4,11 +4,17 @@
 //! pod's veth sends all its TCP to the outbound listener, and an Ingress interface sends
 //! connections to local ambient pods to HBONE or plaintext inbound, through per-pod-IP
 //! rules in a sub-chain (no ipset needed).
+//!
+//! TPROXY drops a packet when no transparent listener takes it, so rules that outlive a
+//! killed ztunnel would black-hole every connection of its pods (eBPF's tcx links die with
+//! the process). A janitor process unhooks our chain when the ztunnel is gone, however it
+//! went: the pods' traffic then goes direct, as after a graceful exit.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::cmd::{self, delete_all, run};
 use super::{Backend, CaptureError, Role, CAPTURE_MARK};
@@ -72,8 +78,41 @@ fn iptables(action: &str, chain: &str, rule: &str) -> Result<String, CaptureErro
     run("iptables", &args)
 }
 
+/// The PREROUTING rule that sends packets into `CHAIN`, tagged with the owner's pid so
+/// that a janitor removes its own ztunnel's hook and never a successor's.
+pub fn hook_rule(pid: u32) -> String {
+    format!("-m comment --comment ztunnel-pid-{pid} -j {CHAIN}")
+}
+
+/// The janitor's script: blocks reading a pipe whose only writer is the ztunnel; when the
+/// ztunnel exits (even by SIGKILL) the kernel closes the pipe, `read` returns and the hook
+/// is deleted. Only the hook, one atomic command: the unhooked chains do nothing and the
+/// next start removes them, while flushing them here could race a successor's install.
+/// Signals to the process group (Ctrl-C) are ignored: the janitor waits for the pipe.
+pub fn janitor_script(pid: u32) -> String {
+    format!(
+        "trap '' INT TERM HUP; read _; exec iptables -w -t mangle -D PREROUTING {}",
+        hook_rule(pid)
+    )
+}
+
+fn start_janitor(pid: u32) -> Result<Child, CaptureError> {
+    Command::new("sh")
+        .args(["-c", &janitor_script(pid)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| CaptureError::Spawn {
+            command: "sh (capture janitor)".to_owned(),
+            source,
+        })
+}
+
 pub struct Iptables {
     ports: Ports,
+    /// Holds the write end of the janitor's stdin; killed on a graceful close.
+    janitor: Option<Child>,
     /// ifindex -> (name when attached, role): the name is kept because the interface may
     /// be gone (pod deleted) by the time it is detached.
     attached: HashMap<u32, (String, Role)>,
@@ -84,8 +123,9 @@ pub struct Iptables {
 impl Iptables {
     /// Removes a crashed run's chains, then creates ours.
     pub fn open(ports: Ports) -> Result<Self, CaptureError> {
-        let me = Iptables {
+        let mut me = Iptables {
             ports,
+            janitor: None,
             attached: HashMap::new(),
             ambient: BTreeSet::new(),
             open: true,
@@ -97,14 +137,21 @@ impl Iptables {
         for rule in base_rules() {
             iptables("-A", CHAIN, &rule)?;
         }
-        iptables("-I", "PREROUTING", &format!("1 -j {CHAIN}"))?;
+        let pid = std::process::id();
+        me.janitor = Some(start_janitor(pid)?);
+        iptables("-I", "PREROUTING", &format!("1 {}", hook_rule(pid)))?;
         info!(?ports, "iptables capture chains installed");
         Ok(me)
     }
 }
 
-/// Unhooks and deletes our chains; errors mean "was not there".
+/// Unhooks (whichever run's hooks they are) and deletes our chains; errors mean "was not
+/// there".
 fn remove_chains() {
+    let listed = iptables("-S", "PREROUTING", "").unwrap_or_default();
+    for hook in hooks(&listed) {
+        let _ = iptables("-D", "PREROUTING", &hook);
+    }
     let jump = format!("-w -t mangle -D PREROUTING -j {CHAIN}");
     delete_all("iptables", &jump.split_whitespace().collect::<Vec<_>>());
     for action in ["-F", "-X"] {
@@ -112,6 +159,17 @@ fn remove_chains() {
             let _ = iptables(action, chain, "");
         }
     }
+}
+
+/// The rule specs (after `-A PREROUTING`) of the jumps to `CHAIN` in `iptables -S`
+/// output.
+pub fn hooks(listed: &str) -> Vec<String> {
+    let jump = format!("-j {CHAIN}");
+    (listed.lines())
+        .filter_map(|l| l.trim().strip_prefix("-A PREROUTING "))
+        .filter(|spec| spec.ends_with(&jump))
+        .map(str::to_owned)
+        .collect()
 }
 
 impl Backend for Iptables {
@@ -162,6 +220,12 @@ impl Backend for Iptables {
 impl Drop for Iptables {
     fn drop(&mut self) {
         if std::mem::take(&mut self.open) {
+            if let Some(mut janitor) = self.janitor.take() {
+                // SIGKILL: its trap ignores the others. Our own removal follows.
+                if let Err(e) = janitor.kill().and_then(|()| janitor.wait().map(drop)) {
+                    warn!("stopping the capture janitor: {e}");
+                }
+            }
             remove_chains();
             info!("iptables capture chains removed");
         }

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use super::iptables::{base_rules, iface_rule, pod_rules, Ports};
+use super::iptables::{base_rules, hook_rule, hooks, iface_rule, janitor_script, pod_rules, Ports};
 use super::plan::{
     desired, diff_ambient, diff_ifaces, local_pods, parse_default_devs, parse_links,
     parse_route_dev, Change, Iface, LocalPod,
@@ -202,6 +202,27 @@ fn iptables_rules_render() {
         vec![
             "-d 10.1.0.11/32 -p tcp --dport 15008 -j TPROXY --on-port 15008 --on-ip 0.0.0.0 --tproxy-mark 0x1000/0x1000",
             "-d 10.1.0.11/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x1000/0x1000",
+        ]
+    );
+}
+
+#[test]
+fn hooks_are_tagged_by_pid_and_found_whoever_installed_them() {
+    assert_eq!(
+        hook_rule(42),
+        "-m comment --comment ztunnel-pid-42 -j MESH_PREROUTING"
+    );
+    assert!(janitor_script(42)
+        .ends_with("-D PREROUTING -m comment --comment ztunnel-pid-42 -j MESH_PREROUTING"));
+    let listed = "-P PREROUTING ACCEPT\n\
+                  -A PREROUTING -m comment --comment ztunnel-pid-7 -j MESH_PREROUTING\n\
+                  -A PREROUTING -j MESH_PREROUTING\n\
+                  -A PREROUTING -j OTHER\n";
+    assert_eq!(
+        hooks(listed),
+        vec![
+            "-m comment --comment ztunnel-pid-7 -j MESH_PREROUTING",
+            "-j MESH_PREROUTING",
         ]
     );
 }

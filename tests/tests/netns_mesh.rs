@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use mesh_tests::netns::{
-    capture_mode, is_root, wait_for_record, MeshOptions, NetnsMesh, NodeSpec, Pod, PodSpec,
-    ServiceSpec, Topology,
+    capture_mode, is_root, pod_identity, wait_for_record, MeshOptions, NetnsMesh, NodeSpec,
+    PodSpec, ServiceSpec, Topology,
 };
 use serde_json::Value;
 
@@ -31,13 +31,6 @@ fn start(capture: Option<&str>) -> NetnsMesh {
         ..MeshOptions::default()
     };
     NetnsMesh::start(topo, &opts).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn identity(pod: &Pod) -> String {
-    format!(
-        "spiffe://cluster.local/ns/{}/sa/{}",
-        pod.spec.namespace, pod.spec.service_account
-    )
 }
 
 /// Waits (5 s at most) for an access-log record of `node`'s ztunnel that `matches`.
@@ -69,7 +62,7 @@ fn netns_mesh_nodes_get_config_from_the_fabric() {
         }
         let local = node.pods.iter().find(|p| p.spec.ambient).unwrap();
         assert!(
-            dump.contains(&identity(local)),
+            dump.contains(&pod_identity(local)),
             "{} has no certificate for {}: {dump}",
             node.name,
             local.spec.name
@@ -95,7 +88,7 @@ fn netns_mesh_captured_pod_to_pod_across_nodes() {
         assert_eq!(body, "hello from server\n");
     }
     let client_ip = client.ip.to_string();
-    let want = identity(client);
+    let want = pod_identity(client);
     let log = http.stderr_tail(5);
     assert!(
         log.contains(&format!("{client_ip} - - ")),

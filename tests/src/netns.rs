@@ -16,8 +16,8 @@ mod tools;
 mod topology;
 
 pub use mesh::{
-    capture_mode, identity, MeshOptions, NetnsMesh, ServiceSpec, CAPTURE_MODE_ENV, SERVICE_CIDR,
-    XDS_PORT,
+    capture_mode, pod_identity, MeshOptions, NetnsMesh, ServiceSpec, CAPTURE_MODE_ENV,
+    SERVICE_CIDR, XDS_PORT,
 };
 pub use names::{sweep_leftovers, PREFIX};
 pub use ns::{Netns, NETNS_DIR};

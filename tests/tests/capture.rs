@@ -40,6 +40,17 @@ async fn connect_from(src: std::net::IpAddr, dst: std::net::SocketAddr) -> TcpSt
     sock.connect(dst).await.unwrap()
 }
 
+/// A refused connection: `attempt` fails with a reset, at once (5 s at most).
+async fn assert_reset(attempt: impl std::future::Future<Output = std::io::Result<usize>>) {
+    let result = tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .expect("a refusal must close the connection at once");
+    assert!(
+        matches!(result, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected a reset, got {result:?}"
+    );
+}
+
 #[test]
 fn netns_capture_carries_identical_bytes() {
     run_isolated("netns_capture_carries_identical_bytes", || async {
@@ -111,13 +122,7 @@ fn netns_plaintext_inbound_permissive_then_strict() {
             let mut buf = [0u8; 16];
             c.read(&mut buf).await
         };
-        let result = tokio::time::timeout(Duration::from_secs(5), attempt)
-            .await
-            .expect("STRICT must close the connection at once");
-        assert!(
-            matches!(result, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "expected a reset, got {result:?}"
-        );
+        assert_reset(attempt).await;
         let rec = next_log(&mut inbound).await;
         assert_eq!(rec.outcome, Outcome::Denied, "{rec:?}");
         assert!(rec.reason.as_deref().unwrap().contains("STRICT"), "{rec:?}");
@@ -130,5 +135,33 @@ fn netns_plaintext_inbound_permissive_then_strict() {
         let rec = next_log(&mut inbound).await;
         assert_eq!(rec.outcome, Outcome::Ok, "{rec:?}");
         assert!(rec.mtls);
+    });
+}
+
+const DENY_CLIENT: &str = r#"
+authorizationPolicies:
+  - metadata: {name: deny-client, namespace: default}
+    spec:
+      action: DENY
+      rules:
+        - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
+"#;
+
+/// The capture listener accepts a connection before the destination decides; when the
+/// destination refuses it, the client gets a reset at once, not an empty reply it could
+/// take for a valid one.
+#[test]
+fn netns_capture_refused_connection_is_reset() {
+    run_isolated("netns_capture_refused_connection_is_reset", || async {
+        let mesh = captured_mesh(&format!("{BASE_CONFIG}{DENY_CLIENT}")).await;
+        echo_server(mesh.addr("2.10", 8080)).await.unwrap();
+        let mut outbound = mesh.node1.proxy().log.subscribe();
+        let mut c = mesh
+            .connect(Route::Captured, mesh.ip("1.10"), mesh.addr("2.10", 8080))
+            .await;
+        let mut buf = [0u8; 16];
+        assert_reset(c.read(&mut buf)).await;
+        let rec = next_log(&mut outbound).await;
+        assert_eq!(rec.outcome, Outcome::Denied, "{rec:?}");
     });
 }

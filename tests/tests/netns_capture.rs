@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use mesh_core::tls::CertificateAuthority;
 use mesh_tests::bench::process::{workspace_binary, ChildGuard, Spawn, Stdout};
 use mesh_tests::netns::{
-    capture_mode, run_isolated, wait_for_record, Netns, Node, NodeSpec, Pod, PodSpec, Topology,
+    capture_mode, pod_identity, run_isolated, wait_for_record, Netns, Node, NodeSpec, Pod, PodSpec,
+    Topology,
 };
 use serde_json::Value;
 
@@ -174,13 +175,6 @@ fn is(r: &Value, key: &str, want: &str) -> bool {
     r[key].as_str() == Some(want)
 }
 
-fn identity(pod: &Pod) -> String {
-    format!(
-        "spiffe://cluster.local/ns/{}/sa/{}",
-        pod.spec.namespace, pod.spec.service_account
-    )
-}
-
 /// A plain TCP client in ambient pod `from` reaches the server in ambient pod `to` through
 /// the ztunnel(s): the server sees `from`'s address, the destination's ztunnel logs an
 /// mTLS inbound connection from `from`'s identity, the source's an outbound one.
@@ -195,7 +189,7 @@ fn ambient_to_ambient(topo: &Topology, zts: &[Ztunnel], from: &str, to: &str) {
     });
     assert_eq!(
         inbound["src_identity"].as_str(),
-        Some(&*identity(from)),
+        Some(&*pod_identity(from)),
         "{inbound}"
     );
     assert_eq!(inbound["mtls"], true, "{inbound}");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::bench::process::{ChildGuard, Spawn, Stdout};
 use mesh_tests::netns::{
-    capture_mode, identity, is_root, MeshOptions, Netns, NetnsMesh, NodeSpec, Pod, PodSpec,
+    capture_mode, is_root, pod_identity, MeshOptions, Netns, NetnsMesh, NodeSpec, Pod, PodSpec,
     Topology,
 };
 use rand::distr::{Alphanumeric, SampleString};
@@ -49,7 +49,7 @@ fn addr(pod: &Pod, port: u16) -> SocketAddr {
 
 /// How many of `node`'s access-log records show an mTLS connection from `from`.
 fn mtls_records(mesh: &NetnsMesh, node: &str, from: &Pod) -> usize {
-    let want = identity(from);
+    let want = pod_identity(from);
     (mesh.access_log(node).lines())
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|r| r["src_identity"] == want.as_str() && r["mtls"] == true)
@@ -402,7 +402,7 @@ fn netns_mesh_wire_carries_only_tls_on_hbone() {
     let (client, server) = (mesh.pod("client"), mesh.pod("server"));
     let to = addr(server, SINK_PORT);
     let pcap = captured_transfer(&mesh, "mesh", (client, server), (to, 15008), &payload);
-    let client_id = identity(client);
+    let client_id = pod_identity(client);
     mesh.expect_record(
         "node2",
         |r| r["src_identity"] == client_id.as_str() && r["mtls"] == true,
@@ -597,7 +597,7 @@ fn netns_mesh_bulk_transfers_arrive_intact() {
         "iperf3: {bytes} bytes at {:.2} Gbit/s",
         received["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
     );
-    let client_id = identity(client);
+    let client_id = pod_identity(client);
     mesh.expect_record(
         "node2",
         |r| r["src_identity"] == client_id.as_str() && r["mtls"] == true,

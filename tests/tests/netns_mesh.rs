@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use mesh_tests::netns::{
-    capture_mode, identity, is_root, MeshOptions, NetnsMesh, NodeSpec, PodSpec, ServiceSpec,
+    capture_mode, is_root, pod_identity, MeshOptions, NetnsMesh, NodeSpec, PodSpec, ServiceSpec,
     Topology,
 };
 
@@ -52,7 +52,7 @@ fn netns_mesh_nodes_get_config_from_the_fabric() {
         }
         let local = node.pods.iter().find(|p| p.spec.ambient).unwrap();
         assert!(
-            dump.contains(&identity(local)),
+            dump.contains(&pod_identity(local)),
             "{} has no certificate for {}: {dump}",
             node.name,
             local.spec.name
@@ -78,7 +78,7 @@ fn netns_mesh_captured_pod_to_pod_across_nodes() {
         assert_eq!(body, "hello from server\n");
     }
     let client_ip = client.ip.to_string();
-    let want = identity(client);
+    let want = pod_identity(client);
     let log = http.stderr_tail(5);
     assert!(
         log.contains(&format!("{client_ip} - - ")),

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::model::{MtlsMode, Protocol, Workload};
 use crate::outbound::accept_loop;
 use crate::policy::{ConnInfo, Decision};
-use crate::proxy::{original_dst, Proxy, Upstream};
+use crate::proxy::{original_dst, reset, Proxy, Upstream};
 use crate::telemetry::{ConnRecord, Direction, Outcome};
 
 impl Proxy {
@@ -132,7 +132,7 @@ impl Proxy {
         {
             rec.decision = Some("deny");
             rec.fail(Outcome::Denied, "STRICT mTLS: plaintext refused");
-            abort(tcp);
+            reset(tcp);
             return self.finish(rec, started);
         }
         let conn = ConnInfo {
@@ -142,7 +142,7 @@ impl Proxy {
             dst_port: dst_addr.port(),
         };
         if !self.decide(&dst, &conn, &mut rec) {
-            abort(tcp);
+            reset(tcp);
             return self.finish(rec, started);
         }
         match self.dial(dst_addr, Some(peer.ip())).await {
@@ -156,11 +156,6 @@ impl Proxy {
             }
         }
     }
-}
-
-/// Closes with RST so the client sees a refusal, not an empty reply.
-fn abort(tcp: tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Accepts plaintext connections to local workloads on 15006.

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn, Instrument};
 
 use crate::model::{Protocol, Service, Snapshot, Workload};
-use crate::proxy::{original_dst, Proxy, Upstream};
+use crate::proxy::{original_dst, reset, Proxy, Upstream};
 use crate::telemetry::{ConnRecord, Direction, Outcome};
 
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +222,11 @@ pub async fn serve_capture(proxy: Arc<Proxy>, listener: TcpListener) {
                 proxy.metrics.opened(&mut rec);
                 proxy.relay(tcp, up, rec, started).await
             }
-            Err(e) => proxy.outbound_failed(rec, &e, started),
+            Err(e) => {
+                // The client's connection was accepted before the upstream was tried.
+                reset(tcp);
+                proxy.outbound_failed(rec, &e, started)
+            }
         }
     })
     .await

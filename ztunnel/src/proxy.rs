@@ -111,6 +111,12 @@ impl Proxy {
     }
 }
 
+/// Closes a client connection we refuse with RST, so the client sees a refusal at once
+/// (ECONNRESET), not an empty reply it could take for a valid one.
+pub fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// The destination the client meant. Capture modes deliver connections to transparent
 /// listeners, so it is the accepted socket's local address; otherwise conntrack's
 /// (`SO_ORIGINAL_DST`) when the connection was redirected, else the local address.

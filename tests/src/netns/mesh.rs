@@ -149,6 +149,14 @@ impl NetnsMesh {
         write_atomic(&self.dir, &self.config_dir, file, text)
     }
 
+    /// Rewrites pod `name`'s manifest in (`ambient`: its namespace's ambient label then
+    /// applies) or out of the mesh (`istio.io/dataplane-mode: none` on the pod), as a user
+    /// relabels a running pod; the pod itself is not touched.
+    pub fn set_pod_ambient(&self, name: &str, ambient: bool) -> std::io::Result<()> {
+        let pod = self.topo.pod(name);
+        self.write(&format!("pod-{name}.yaml"), &pod_manifest(pod, ambient))
+    }
+
     pub fn remove(&self, file: &str) -> std::io::Result<()> {
         std::fs::remove_file(self.config_dir.join(file))
     }
@@ -157,6 +165,11 @@ impl NetnsMesh {
     pub fn access_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("ztunnel-{node}.access.log")))
             .unwrap_or_default()
+    }
+
+    /// Node `node`'s ztunnel's own log (stderr) so far.
+    pub fn ztunnel_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("ztunnel-{node}.log"))).unwrap_or_default()
     }
 
     /// The ztunnel process of node `node`.
@@ -279,14 +292,6 @@ impl Deref for NetnsMesh {
     }
 }
 
-/// The SPIFFE identity the mesh gives `pod` (from its namespace and service account).
-pub fn identity(pod: &Pod) -> String {
-    format!(
-        "spiffe://cluster.local/ns/{}/sa/{}",
-        pod.spec.namespace, pod.spec.service_account
-    )
-}
-
 /// Namespaces (ambient), pods and services, one file each.
 fn manifests(topo: &Topology, opts: &MeshOptions) -> Vec<(String, String)> {
     let mut namespaces: Vec<&str> = topo.pods().map(|p| p.spec.namespace.as_str()).collect();
@@ -303,10 +308,12 @@ fn manifests(topo: &Topology, opts: &MeshOptions) -> Vec<(String, String)> {
             (format!("namespace-{ns}.yaml"), text)
         })
         .collect();
-    out.extend(
-        topo.pods()
-            .map(|p| (format!("pod-{}.yaml", p.spec.name), pod_manifest(p))),
-    );
+    out.extend(topo.pods().map(|p| {
+        (
+            format!("pod-{}.yaml", p.spec.name),
+            pod_manifest(p, p.spec.ambient),
+        )
+    }));
     out.extend(opts.services.iter().map(|s| {
         (
             format!("service-{}-{}.yaml", s.namespace, s.name),
@@ -317,14 +324,14 @@ fn manifests(topo: &Topology, opts: &MeshOptions) -> Vec<(String, String)> {
     out
 }
 
-fn pod_manifest(pod: &Pod) -> String {
+fn pod_manifest(pod: &Pod, ambient: bool) -> String {
     let mut labels: Vec<(&str, &str)> = pod
         .spec
         .labels
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    if !pod.spec.ambient {
+    if !ambient {
         labels.push(("istio.io/dataplane-mode", "none"));
     }
     pod_in(
@@ -335,6 +342,18 @@ fn pod_manifest(pod: &Pod) -> String {
         &pod.ip.to_string(),
         &labels,
     )
+}
+
+/// The SPIFFE identity the controller issues `pod` (as its `spiffe://` string, the form
+/// access logs carry).
+pub fn pod_identity(pod: &Pod) -> String {
+    mesh_core::Identity::new(
+        "cluster.local",
+        &pod.spec.namespace,
+        &pod.spec.service_account,
+    )
+    .map(|id| id.to_string())
+    .unwrap_or_else(|e| panic!("pod {}: {e}", pod.spec.name))
 }
 
 /// A fresh random token per node: the controller's token file and one file per ztunnel.

@@ -79,10 +79,16 @@ impl Node {
     }
 }
 
-/// Where the ztunnels find the controller, and each node's bearer token file.
+/// Where the ztunnels find the controller, each node's bearer token file, and for the
+/// network-namespace demo each node's namespace and the capture mode.
 pub struct Inputs {
     pub xds_address: String,
     pub tokens: Vec<(&'static str, PathBuf)>,
+    /// Node name and the network namespace its ztunnel runs in (`ip netns exec`); a node
+    /// not listed runs where meshctl does.
+    pub netns: Vec<(&'static str, String)>,
+    /// `--capture` mode (`ebpf`, `iptables`), if any.
+    pub capture: Option<String>,
 }
 
 struct Ztunnel {
@@ -180,7 +186,19 @@ impl Ztunnel {
             .with_context(|| format!("create {}", stderr_path.display()))?;
         let token = inputs.tokens.iter().find(|(n, _)| *n == node.name);
         let (_, token) = token.with_context(|| format!("no token for {}", node.name))?;
-        let mut child = Command::new(binary)
+        let netns = inputs.netns.iter().find(|(n, _)| *n == node.name);
+        let mut command = match netns {
+            Some((_, ns)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        if let Some(mode) = &inputs.capture {
+            command.args(["--capture", mode]);
+        }
+        let mut child = command
             .arg("--node")
             .arg(node.name)
             .arg("--xds-address")

@@ -187,7 +187,12 @@ async fn build(topo: &Topology) -> Result<Lab> {
         .collect();
     let lab = tokio::task::spawn_blocking(move || mesh_netlab::Topology::build(&specs))
         .await
-        .map_err(|e| anyhow!("building the network namespaces failed: {e}"))?;
+        .map_err(|e| {
+            anyhow!(
+                "building the network namespaces failed ({e}; the cause is printed above); \
+                 `meshctl demo --loopback` runs without them"
+            )
+        })?;
     let names = lab.netns_names();
     println!(
         "  created {} network namespaces ({} ... {}): a fabric bridge 10.0.0.1/24, {}",

@@ -154,6 +154,21 @@ impl Mesh {
         Ok(started.elapsed())
     }
 
+    /// The last stderr line of each ztunnel that has exited: usually why it did.
+    pub fn exit_reasons(&mut self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        for z in &mut self.ztunnels {
+            if !matches!(z.child.try_wait(), Ok(Some(_))) {
+                continue;
+            }
+            let stderr = std::fs::read_to_string(&z.stderr).unwrap_or_default();
+            if let Some(line) = stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+                reasons.push(format!("{}: {}", z.node.name, line.trim()));
+            }
+        }
+        reasons
+    }
+
     /// Exit status, stderr tail and stray stdout of each ztunnel, for error reports.
     pub fn diagnostics(&mut self, logs: &AccessLogs) -> String {
         let mut out = String::new();

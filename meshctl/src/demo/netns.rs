@@ -355,9 +355,14 @@ async fn start_ztunnels(
         Err(e) => {
             // The readiness error on top (the fallback message shows it), what the ztunnels
             // said underneath (shown if the demo gives up).
+            let reasons = mesh.exit_reasons();
             let why = mesh.diagnostics(&logs);
             mesh.stop().await;
-            Err(anyhow!(why).context(format!("{e:#}")))
+            let mut e = format!("{e:#}");
+            for reason in reasons {
+                e.push_str(&format!("; {reason}"));
+            }
+            Err(anyhow!(why).context(e))
         }
     }
 }

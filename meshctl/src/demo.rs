@@ -1,21 +1,29 @@
-//! `meshctl demo`: a two-node ambient mesh on loopback, run by its controller, exercised
-//! and explained.
+//! `meshctl demo`: a two-node ambient mesh run by its controller, exercised and explained.
 //!
 //! Starts the real `controller` in local mode on the demo's Kubernetes manifests (with a
 //! fresh root CA and random ztunnel tokens), then two real ztunnel processes that take
-//! their config over delta ADS and their certificates from it. Runs the workloads' echo
-//! servers in-process, sends allowed, denied and plaintext traffic through node1's SOCKS5
-//! port, then prints what happened from the access logs, the metrics and the control
-//! plane's own view. `--check` turns the expected outcomes into the exit code. It must
-//! not reimplement any proxy or controller behaviour: the point is to watch the real ones.
+//! their config over delta ADS and their certificates from it, and sends allowed, denied
+//! and plaintext traffic between the workloads' echo servers. Two ways to run it:
+//! - as root (`netns`): nodes and pods are network namespaces, each ztunnel captures its
+//!   pods' traffic transparently (eBPF, else iptables), unmodified clients in the pods
+//!   dial pod IPs and the service VIP;
+//! - anywhere (`loopback`, `--loopback`): everything on 127.0.0.0/8, clients go through
+//!   node1's SOCKS5 port.
+//!
+//! Both then print what happened from the access logs, the metrics and the control
+//! plane's own view (this module); `--check` turns the expected outcomes into the exit
+//! code. It must not reimplement any proxy or controller behaviour: the point is to watch
+//! the real ones.
 
 mod access_log;
 mod admin;
 mod check;
 mod client;
 mod control_plane;
+mod loopback;
 mod mesh;
 mod metrics;
+mod netns;
 mod node_state;
 mod report;
 mod topology;
@@ -24,22 +32,20 @@ mod workdir;
 mod workloads;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
-use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
+use anyhow::{bail, Context, Result};
 
 use access_log::AccessLogs;
 use check::{Check, ControlSeen, NodeSeen};
 use control_plane::ControlPlane;
 use mesh::{Mesh, Node, NODE1, NODE2};
 use topology::Topology;
+use traffic::Connection;
 use workdir::WorkDir;
-use workloads::EchoServers;
 
 /// The demo's mesh, embedded so the binary runs from anywhere; the controller gets a copy
-/// of exactly these files.
+/// of these files (with loopback addresses in the loopback demo).
 const MANIFESTS: [(&str, &str); 4] = [
     (
         "namespaces.yaml",
@@ -59,7 +65,8 @@ const MANIFESTS: [(&str, &str); 4] = [
     ),
 ];
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// node1 runs the clients, node2 the servers.
+/// node1 runs the clients, node2 the servers (loopback addresses; the network-namespace
+/// demo keeps the names and takes the addresses its cluster gives the nodes).
 const NODES: [Node; 2] = [NODE1, NODE2];
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +74,14 @@ pub struct DemoArgs {
     /// Exit non-zero, naming what failed, unless every expected outcome happened.
     #[arg(long)]
     check: bool,
+    /// Run everything on loopback addresses, clients through a SOCKS5 port: no root
+    /// needed, no transparent capture. The default when not root.
+    #[arg(long)]
+    loopback: bool,
+    /// How the ztunnels capture their pods' traffic in the network-namespace demo: `ebpf`
+    /// (falls back to `iptables`, saying so, where eBPF cannot load) or `iptables`.
+    #[arg(long, value_name = "MODE", default_value = "ebpf", value_parser = ["ebpf", "iptables"])]
+    capture: String,
     /// The ztunnel binary to run [default: `ztunnel` next to meshctl].
     #[arg(long, value_name = "PATH")]
     ztunnel: Option<PathBuf>,
@@ -89,17 +104,18 @@ pub async fn run(args: &DemoArgs) -> Result<bool> {
         ztunnel: sibling_binary("ztunnel", "--ztunnel", args.ztunnel.as_deref())?,
         controller: sibling_binary("controller", "--controller", args.controller.as_deref())?,
     };
+    let in_netns = !args.loopback && mesh_netlab::is_root();
+    if !args.loopback && !in_netns {
+        println!(
+            "meshctl demo: not root, so no network namespaces: running the loopback demo \
+             (as root, the nodes and pods are network namespaces with transparent capture)"
+        );
+    }
     let work = WorkDir::create()?;
-    println!(
-        "meshctl demo: a two-node ambient mesh on loopback, run by its controller (examples/mesh)"
-    );
-    println!("  controller binary: {}", bins.controller.display());
-    println!("  ztunnel binary: {}", bins.ztunnel.display());
-    // Dropping the demo future on Ctrl-C kills the controller and the ztunnels
-    // (kill_on_drop) and the echo servers; dropping `work` afterwards removes the directory.
-    let result = tokio::select! {
-        r = demo(&bins, &work, args.logs) => r,
-        () = interrupted() => Err(anyhow!("interrupted by Ctrl-C")),
+    let result = if in_netns {
+        netns::run(&bins, &work, &args.capture, args.logs).await
+    } else {
+        loopback::run(&bins, &work, args.logs).await
     };
     let dir = work.path().display().to_string();
     drop(work);
@@ -136,71 +152,23 @@ fn sibling_binary(name: &str, flag: &str, given: Option<&Path>) -> Result<PathBu
     Ok(path)
 }
 
-async fn demo(bins: &Binaries, work: &WorkDir, show_logs: bool) -> Result<Vec<Check>> {
-    let inputs = write_inputs(work)?;
-    let topo = Topology::load(&inputs.config_dir, DEFAULT_TRUST_DOMAIN)?;
-    println!(
-        "  work dir {}: the manifests (mesh/), random ztunnel tokens, the controller's \
-         state (a fresh root CA for {}), stderr logs",
-        work.path().display(),
-        topo.trust_domain
-    );
-    let controller_addrs = [
-        control_plane::grpc_addr(),
-        control_plane::grpc_tls_addr(),
-        control_plane::metrics_addr(),
-    ];
-    mesh::ensure_free(&NODES, &topo.mesh_ips(), &controller_addrs)?;
-    let _servers = start_servers(&topo).await?;
-    let mut cp = start_control_plane(&bins.controller, &inputs, work).await?;
-    let logs = Arc::new(AccessLogs::new());
-    let ztunnel_inputs = mesh::Inputs {
-        xds_address: format!("http://{}", control_plane::grpc_addr()),
-        tokens: inputs.node_tokens.clone(),
-    };
-    let mut mesh = match Mesh::start(&bins.ztunnel, &NODES, &ztunnel_inputs, work.path(), &logs) {
-        Ok(mesh) => mesh,
-        Err(e) => {
-            print_controller_diagnostics(&mut cp);
-            return Err(e);
-        }
-    };
-    for node in NODES {
-        let pid = mesh.pid(node.name).map_or("?".into(), |p| p.to_string());
-        let workloads = node_workloads(&topo, node.name);
-        println!(
-            "  started ztunnel {} on {} (pid {pid}) for {workloads}",
-            node.name, node.ip
-        );
-    }
-    let result = exercise(&mut mesh, &cp, &topo, &logs).await;
-    if !result.as_ref().is_ok_and(|checks| all_passed(checks)) {
-        print_diagnostics(&mut mesh, &logs);
-        print_controller_diagnostics(&mut cp);
-        print_access_logs(&logs);
-    } else if show_logs {
-        print_access_logs(&logs);
-    }
-    mesh.stop().await;
-    cp.stop().await;
-    println!("\nStopped both ztunnels and the controller.");
-    result
-}
-
+/// Starts the controller on `ip` (in the calling thread's network namespace) and waits
+/// until it serves.
 async fn start_control_plane(
     binary: &Path,
     inputs: &control_plane::Inputs,
-    work: &WorkDir,
+    work: &Path,
+    ip: std::net::IpAddr,
 ) -> Result<ControlPlane> {
-    let mut cp = ControlPlane::spawn(binary, inputs, work.path())?;
+    let mut cp = ControlPlane::spawn(binary, inputs, work, ip)?;
     let pid = cp.pid().map_or("?".into(), |p| p.to_string());
     match cp.wait_serving(READY_TIMEOUT).await {
         Ok(took) => println!(
             "  started the controller (pid {pid}): xDS and CA on {} (TLS {}), metrics on {}, \
              serving after {:.1}s",
-            control_plane::grpc_addr(),
-            control_plane::grpc_tls_addr(),
-            control_plane::metrics_addr(),
+            control_plane::grpc_addr(ip),
+            control_plane::grpc_tls_addr(ip),
+            control_plane::metrics_addr(ip),
             took.as_secs_f64()
         ),
         Err(e) => {
@@ -211,23 +179,16 @@ async fn start_control_plane(
     Ok(cp)
 }
 
-/// The destination workloads: echo servers on node2's workload IPs.
-async fn start_servers(topo: &Topology) -> Result<EchoServers> {
-    let servers = traffic::servers(topo, NODE2.name)?;
-    let running = EchoServers::start(&servers).await?;
-    let listed: Vec<String> = servers.iter().map(|(n, a)| format!("{n} {a}")).collect();
-    println!(
-        "  echo servers (greet with their name, then echo): {}",
-        listed.join(", ")
-    );
-    Ok(running)
-}
-
-/// The manifests (in `mesh/`), the tokens, and where the controller keeps its CA.
-fn write_inputs(work: &WorkDir) -> Result<control_plane::Inputs> {
+/// The manifests (in `mesh/`, each passed through `rewrite`), the tokens, and where the
+/// controller keeps its CA.
+fn write_inputs(
+    work: &WorkDir,
+    rewrite: impl Fn(&str) -> Result<String>,
+) -> Result<control_plane::Inputs> {
     let config_dir = work.mkdir("mesh")?;
     for (name, text) in MANIFESTS {
-        work.write(&format!("mesh/{name}"), text, 0o644)?;
+        let text = rewrite(text).with_context(|| format!("rewrite {name}"))?;
+        work.write(&format!("mesh/{name}"), &text, 0o644)?;
     }
     let (tokens, node_tokens) = control_plane::write_tokens(work, &NODES)?;
     Ok(control_plane::Inputs {
@@ -247,42 +208,32 @@ fn node_workloads(topo: &Topology, node: &str) -> String {
     names.join(", ")
 }
 
-async fn exercise(
-    mesh: &mut Mesh,
+/// Everything after the traffic, the same for both ways of running: the connection
+/// table, notes, metrics, the control plane's view and the expected outcomes. Reads the
+/// nodes' and the controller's ports from the calling thread's network namespace.
+async fn report(
+    conns: &[Connection],
+    nodes: &[Node],
     cp: &ControlPlane,
     topo: &Topology,
-    logs: &AccessLogs,
-) -> Result<Vec<Check>> {
-    let took = mesh.wait_ready(READY_TIMEOUT).await?;
-    println!(
-        "  both ztunnels ready after {:.1}s (config synced from the controller over delta ADS)",
-        took.as_secs_f64()
-    );
-
-    let plan = traffic::plan(topo)?;
-    println!(
-        "\nTraffic through node1's SOCKS5 port {} (each client binds its workload IP):",
-        NODE1.socks()
-    );
-    let conns = traffic::run(plan, NODE1.socks(), logs).await;
-
+) -> Vec<Check> {
     println!("\nConnections, from both ztunnels' access logs joined with what the client saw:");
-    print!("{}", report::connections(&conns, &topo.trust_domain));
-    let notes = report::notes(&conns);
+    print!("{}", report::connections(conns, &topo.trust_domain));
+    let notes = report::notes(conns);
     if !notes.is_empty() {
         println!("Notes:");
         notes.iter().for_each(|n| println!("  {n}"));
     }
-    let source_metrics = print_metrics().await;
-    let control = print_control_plane(cp, topo).await;
-    let backends = traffic::backends(topo)?;
-    let checks = check::evaluate(&conns, &backends, &source_metrics, &control);
+    let source_metrics = print_metrics(nodes).await;
+    let control = print_control_plane(cp, topo, nodes).await;
+    let backends = traffic::backends(topo).unwrap_or_default();
+    let checks = check::evaluate(conns, &backends, &source_metrics, &control);
     print_checks(&checks);
-    Ok(checks)
+    checks
 }
 
 /// Prints the metrics summary of both nodes; returns node1's samples for the checks.
-async fn print_metrics() -> Vec<metrics::Sample> {
+async fn print_metrics(nodes: &[Node]) -> Vec<metrics::Sample> {
     println!("\nMetrics (istio_tcp_*, from each ztunnel's /metrics on port 15020):");
     let header = [
         "NODE",
@@ -299,7 +250,7 @@ async fn print_metrics() -> Vec<metrics::Sample> {
         .map(|s| s.to_string())
         .collect()];
     let mut source = Vec::new();
-    for node in NODES {
+    for node in nodes {
         match metrics::scrape(node.metrics()).await {
             Ok(samples) => {
                 for cells in metrics::summary(&samples) {
@@ -318,9 +269,9 @@ async fn print_metrics() -> Vec<metrics::Sample> {
 
 /// Prints what each ztunnel got from the controller and the controller's own counters;
 /// returns them for the checks.
-async fn print_control_plane(cp: &ControlPlane, topo: &Topology) -> ControlSeen {
+async fn print_control_plane(cp: &ControlPlane, topo: &Topology, of: &[Node]) -> ControlSeen {
     let mut nodes = Vec::new();
-    for node in NODES {
+    for node in of {
         nodes.push(NodeSeen {
             name: node.name,
             state: node_state::read(node.admin()).await,
@@ -336,7 +287,7 @@ async fn print_control_plane(cp: &ControlPlane, topo: &Topology) -> ControlSeen 
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     print!("{}", report::certificates(&states, &topo.trust_domain, now));
-    let addr = control_plane::metrics_addr();
+    let addr = control_plane::metrics_addr(cp.ip);
     let controller = match cp.metrics().await {
         Ok(samples) => samples,
         Err(e) => {
@@ -365,6 +316,27 @@ fn print_checks(checks: &[Check]) {
 
 fn all_passed(checks: &[Check]) -> bool {
     checks.iter().all(|c| c.passed)
+}
+
+/// After the run: what went wrong if anything did (or the raw logs if asked), then stops
+/// the ztunnels and the controller.
+async fn finish(
+    result: &Result<Vec<Check>>,
+    mut mesh: Mesh,
+    mut cp: ControlPlane,
+    logs: &AccessLogs,
+    show_logs: bool,
+) {
+    if !result.as_ref().is_ok_and(|checks| all_passed(checks)) {
+        print_diagnostics(&mut mesh, logs);
+        print_controller_diagnostics(&mut cp);
+        print_access_logs(logs);
+    } else if show_logs {
+        print_access_logs(logs);
+    }
+    mesh.stop().await;
+    cp.stop().await;
+    println!("\nStopped both ztunnels and the controller.");
 }
 
 fn print_diagnostics(mesh: &mut Mesh, logs: &AccessLogs) {

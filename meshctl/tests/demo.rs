@@ -1,16 +1,26 @@
 //! `meshctl demo` and its mesh, run as a user runs them: the manifests pass `meshctl
 //! analyze`, and a demo that cannot start its controller says why and leaves nothing
-//! behind. (The full demo runs in CI as `meshctl demo --check`, which needs the
-//! controller and ztunnel binaries built next to meshctl.)
+//! behind, in both ways of running it (as root the default builds network namespaces).
+//! (The full demo runs in CI as `meshctl demo --check`, which needs the controller and
+//! ztunnel binaries built next to meshctl.)
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 fn meshctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshctl"))
+    meshctl_with_pid(args).0
+}
+
+/// The output and the pid meshctl ran as (the network namespaces it makes carry it).
+fn meshctl_with_pid(args: &[&str]) -> (Output, u32) {
+    let child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .args(args)
-        .output()
-        .expect("meshctl runs")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("meshctl runs");
+    let pid = child.id();
+    (child.wait_with_output().expect("meshctl output"), pid)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -53,18 +63,30 @@ fn a_missing_controller_binary_is_named_with_the_flag_to_pass() {
 }
 
 /// `false` as the controller: it exits at once, and the demo must report that with the
-/// controller's state, remove its work dir and never start the ztunnels.
+/// controller's state, remove its work dir (and, as root, its network namespaces) and
+/// never start the ztunnels.
 #[test]
 fn a_controller_that_exits_is_reported_and_the_work_dir_removed() {
+    controller_exits(&[]);
+}
+
+#[test]
+fn a_controller_that_exits_is_reported_and_the_work_dir_removed_on_loopback() {
+    controller_exits(&["--loopback"]);
+}
+
+fn controller_exits(mode: &[&str]) {
     let me = env!("CARGO_BIN_EXE_meshctl");
-    let out = meshctl(&[
+    let mut args = vec![
         "demo",
         "--check",
         "--ztunnel",
         me,
         "--controller",
         "/bin/false",
-    ]);
+    ];
+    args.extend(mode);
+    let (out, pid) = meshctl_with_pid(&args);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(!out.status.success(), "{stdout}");
     assert!(
@@ -78,4 +100,15 @@ fn a_controller_that_exits_is_reported_and_the_work_dir_removed() {
         .and_then(|d| d.strip_suffix('.'))
         .unwrap_or_else(|| panic!("no 'Removed <dir>.' line: {stdout}"));
     assert!(!PathBuf::from(removed).exists(), "{removed} left behind");
+    let ours = format!("mt{pid}-");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&ours))
+        .collect();
+    assert!(left.is_empty(), "network namespaces left behind: {left:?}");
+    if mode.is_empty() && stdout.contains("network namespaces") {
+        assert!(stdout.contains("Deleted the"), "{stdout}");
+    }
 }

@@ -11,7 +11,7 @@ pub mod cpu_latency;
 pub mod l4;
 pub mod loopback;
 pub mod netns;
-pub mod process;
+pub use mesh_netlab::process;
 pub mod relay;
 pub mod report;
 pub mod rss;

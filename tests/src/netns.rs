@@ -10,22 +10,19 @@
 //! skips them by name: `cargo nextest run -E 'not test(/^netns_/)'`.
 
 mod mesh;
-mod names;
-mod ns;
-mod tools;
-mod topology;
 
 pub use mesh::{
     capture_mode, pod_identity, MeshOptions, NetnsMesh, ServiceSpec, CAPTURE_MODE_ENV,
     SERVICE_CIDR, XDS_PORT,
 };
-pub use names::{sweep_leftovers, PREFIX};
-pub use ns::{Netns, NETNS_DIR};
-pub use tools::wait_for_record;
-pub use topology::{
-    node_ip, pod_cidr, pod_ip, Fabric, Node, NodeSpec, Pod, PodSpec, Topology, FABRIC_IP,
-    POD_GATEWAY,
+// The namespaces themselves live in mesh-netlab (meshctl's demo builds the same cluster);
+// re-exported so the tests name them here as before.
+pub use mesh_netlab::{
+    is_root, node_ip, pod_cidr, pod_ip, run, sweep_leftovers, wait_for_record, Fabric, Netns, Node,
+    NodeSpec, Pod, PodSpec, Topology, FABRIC_IP, NETNS_DIR, POD_GATEWAY, PREFIX,
 };
+// `mesh` names the topology module by its old path.
+use mesh_netlab::topology;
 
 use std::future::Future;
 use std::process::Command;
@@ -79,34 +76,9 @@ where
     );
 }
 
-/// Runs a command and fails the test with its stderr when it fails.
-pub fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Appends a rule to the nat table's OUTPUT chain (connections made in this namespace).
 pub fn nat_output(rule: &str) {
     let mut args = vec!["-w", "-t", "nat", "-A", "OUTPUT"];
     args.extend(rule.split_whitespace());
     run("iptables", &args);
-}
-
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }

@@ -1,4 +1,6 @@
-//! One client connection through a ztunnel's SOCKS5 port, and what the client saw.
+//! One client connection, and what the client saw: through a ztunnel's SOCKS5 port (the
+//! loopback demo), or straight to the destination from a socket made in the client pod's
+//! network namespace, which the node's ztunnel captures (the network-namespace demo).
 //!
 //! The client speaks to the demo's echo servers: it reads the greeting naming the pod,
 //! sends a line, expects it back, then half-closes and drains so the ztunnels see a clean
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use mesh_core::socks5::{self, ConnectError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,13 +51,7 @@ impl Outcome {
 
 /// Connects from `from` through `proxy` to `target`, then exchanges `payload`.
 pub async fn run(proxy: SocketAddr, from: IpAddr, target: SocketAddr, payload: &str) -> Seen {
-    let mut seen = Seen {
-        local: None,
-        outcome: Outcome::Failed("not started".into()),
-        greeting: None,
-        sent: 0,
-        received: 0,
-    };
+    let mut seen = Seen::not_started();
     // Dialed apart from the handshake so the local address, which the access logs are
     // joined on, is known even when the proxy refuses.
     let mut stream = match timeout(DIAL_TIMEOUT, socks5::dial(from, proxy)).await {
@@ -65,13 +61,40 @@ pub async fn run(proxy: SocketAddr, from: IpAddr, target: SocketAddr, payload: &
     };
     seen.local = stream.local_addr().ok();
     match timeout(STEP_TIMEOUT, socks5::client_handshake(&mut stream, target)).await {
-        Ok(Ok(())) => exchange(stream, payload, &mut seen).await,
+        Ok(Ok(())) => return connected(stream, payload, seen).await,
         Ok(Err(ConnectError::Refused { code })) => seen.outcome = Outcome::Refused(code),
         Ok(Err(ConnectError::Closed { .. })) => seen.outcome = Outcome::ClosedWithoutData,
         Ok(Err(e)) => return seen.failed(e.to_string()),
         Err(_) => return seen.failed("SOCKS5 reply timed out".into()),
     }
     seen
+}
+
+/// Connects `socket` (made in the client's own network namespace) to `target` as an
+/// unmodified client does, then exchanges `payload`: no proxy in sight.
+pub async fn direct(socket: TcpSocket, target: SocketAddr, payload: &str) -> Seen {
+    let seen = Seen::not_started();
+    let stream = match timeout(DIAL_TIMEOUT, socket.connect(target)).await {
+        Ok(Ok(stream)) => stream,
+        // A reset answering the SYN: nothing of the destination arrived either.
+        Ok(Err(e))
+            if socks5::is_closed(&e) || e.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            let mut seen = seen;
+            seen.outcome = Outcome::ClosedWithoutData;
+            return seen;
+        }
+        Ok(Err(e)) => return seen.failed(format!("connect to {target}: {e}")),
+        Err(_) => return seen.failed(format!("connect to {target}: timed out")),
+    };
+    connected(stream, payload, seen).await
+}
+
+/// What the client saw when its socket could not even be made.
+pub fn not_opened(client: &str, e: &std::io::Error) -> Seen {
+    Seen::not_started().failed(format!(
+        "open a socket in {client}'s network namespace: {e}"
+    ))
 }
 
 /// One line for the progress output.
@@ -91,7 +114,23 @@ pub fn describe(seen: &Seen) -> String {
     }
 }
 
+async fn connected(stream: TcpStream, payload: &str, mut seen: Seen) -> Seen {
+    seen.local = stream.local_addr().ok();
+    exchange(stream, payload, &mut seen).await;
+    seen
+}
+
 impl Seen {
+    fn not_started() -> Seen {
+        Seen {
+            local: None,
+            outcome: Outcome::Failed("not started".into()),
+            greeting: None,
+            sent: 0,
+            received: 0,
+        }
+    }
+
     fn failed(mut self, why: String) -> Seen {
         self.outcome = Outcome::Failed(why);
         self

@@ -20,8 +20,8 @@ use super::mesh::{head_and_tail, Node};
 use super::metrics::{self, Sample};
 use super::workdir::WorkDir;
 
-/// The controller's own loopback address, apart from the nodes'.
-const IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
+/// The controller's own loopback address in the loopback demo, apart from the nodes'.
+pub const LOOPBACK_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10));
 const GRPC_PORT: u16 = 15010;
 const METRICS_PORT: u16 = 15014;
 const GRPC_TLS_PORT: u16 = 15012;
@@ -35,16 +35,16 @@ pub const PUSHES: &str = "pilot_xds_pushes_total";
 /// The controller metrics the report shows.
 pub const SHOWN: [&str; 3] = [SIGNED, XDS_CLIENTS, PUSHES];
 
-pub fn grpc_addr() -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(IP), GRPC_PORT)
+pub fn grpc_addr(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, GRPC_PORT)
 }
 
-pub fn grpc_tls_addr() -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(IP), GRPC_TLS_PORT)
+pub fn grpc_tls_addr(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, GRPC_TLS_PORT)
 }
 
-pub fn metrics_addr() -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(IP), METRICS_PORT)
+pub fn metrics_addr(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, METRICS_PORT)
 }
 
 /// Where the controller reads from and the token file each node's ztunnel gets.
@@ -80,10 +80,14 @@ pub fn write_tokens(
 pub struct ControlPlane {
     child: Child,
     stderr: PathBuf,
+    /// Where it listens.
+    pub ip: IpAddr,
 }
 
 impl ControlPlane {
-    pub fn spawn(binary: &Path, inputs: &Inputs, work: &Path) -> Result<Self> {
+    /// Starts the controller listening on `ip`, in the network namespace of the calling
+    /// thread.
+    pub fn spawn(binary: &Path, inputs: &Inputs, work: &Path, ip: IpAddr) -> Result<Self> {
         let stderr_path = work.join("controller.stderr.log");
         let stderr = std::fs::File::create(&stderr_path)
             .with_context(|| format!("create {}", stderr_path.display()))?;
@@ -95,11 +99,11 @@ impl ControlPlane {
             .arg("--tokens")
             .arg(&inputs.tokens)
             .arg("--grpc-addr")
-            .arg(grpc_addr().to_string())
+            .arg(grpc_addr(ip).to_string())
             .arg("--metrics-addr")
-            .arg(metrics_addr().to_string())
+            .arg(metrics_addr(ip).to_string())
             .arg("--grpc-tls-addr")
-            .arg(grpc_tls_addr().to_string())
+            .arg(grpc_tls_addr(ip).to_string())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -110,6 +114,7 @@ impl ControlPlane {
         Ok(ControlPlane {
             child,
             stderr: stderr_path,
+            ip,
         })
     }
 
@@ -120,15 +125,15 @@ impl ControlPlane {
     /// Waits until both the metrics and the gRPC port answer; returns how long it took.
     pub async fn wait_serving(&mut self, limit: Duration) -> Result<Duration> {
         let started = Instant::now();
+        let (metrics, grpc) = (metrics_addr(self.ip), grpc_addr(self.ip));
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("the controller exited ({status}) before it served");
             }
-            let last = match admin::get(metrics_addr(), "/metrics").await {
-                Ok(r) if r.status == 200 => match tokio::net::TcpStream::connect(grpc_addr()).await
-                {
+            let last = match admin::get(metrics, "/metrics").await {
+                Ok(r) if r.status == 200 => match tokio::net::TcpStream::connect(grpc).await {
                     Ok(_) => return Ok(started.elapsed()),
-                    Err(e) => format!("gRPC {}: {e}", grpc_addr()),
+                    Err(e) => format!("gRPC {grpc}: {e}"),
                 },
                 Ok(r) => format!("metrics HTTP {}", r.status),
                 Err(e) => format!("{e:#}"),
@@ -142,7 +147,7 @@ impl ControlPlane {
 
     /// The controller's metrics now.
     pub async fn metrics(&self) -> Result<Vec<Sample>> {
-        metrics::scrape(metrics_addr()).await
+        metrics::scrape(metrics_addr(self.ip)).await
     }
 
     /// Exit status and stderr head and tail, for error reports.

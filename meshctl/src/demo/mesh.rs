@@ -79,10 +79,16 @@ impl Node {
     }
 }
 
-/// Where the ztunnels find the controller, and each node's bearer token file.
+/// Where the ztunnels find the controller, each node's bearer token file, and for the
+/// network-namespace demo each node's namespace and the capture mode.
 pub struct Inputs {
     pub xds_address: String,
     pub tokens: Vec<(&'static str, PathBuf)>,
+    /// Node name and the network namespace its ztunnel runs in (`ip netns exec`); a node
+    /// not listed runs where meshctl does.
+    pub netns: Vec<(&'static str, String)>,
+    /// `--capture` mode (`ebpf`, `iptables`), if any.
+    pub capture: Option<String>,
 }
 
 struct Ztunnel {
@@ -148,6 +154,21 @@ impl Mesh {
         Ok(started.elapsed())
     }
 
+    /// The last stderr line of each ztunnel that has exited: usually why it did.
+    pub fn exit_reasons(&mut self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        for z in &mut self.ztunnels {
+            if !matches!(z.child.try_wait(), Ok(Some(_))) {
+                continue;
+            }
+            let stderr = std::fs::read_to_string(&z.stderr).unwrap_or_default();
+            if let Some(line) = stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+                reasons.push(format!("{}: {}", z.node.name, line.trim()));
+            }
+        }
+        reasons
+    }
+
     /// Exit status, stderr tail and stray stdout of each ztunnel, for error reports.
     pub fn diagnostics(&mut self, logs: &AccessLogs) -> String {
         let mut out = String::new();
@@ -180,7 +201,19 @@ impl Ztunnel {
             .with_context(|| format!("create {}", stderr_path.display()))?;
         let token = inputs.tokens.iter().find(|(n, _)| *n == node.name);
         let (_, token) = token.with_context(|| format!("no token for {}", node.name))?;
-        let mut child = Command::new(binary)
+        let netns = inputs.netns.iter().find(|(n, _)| *n == node.name);
+        let mut command = match netns {
+            Some((_, ns)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        if let Some(mode) = &inputs.capture {
+            command.args(["--capture", mode]);
+        }
+        let mut child = command
             .arg("--node")
             .arg(node.name)
             .arg("--xds-address")

@@ -145,8 +145,13 @@ fn client_note(c: &Connection) -> Option<String> {
 
 fn log_notes(c: &Connection) -> Vec<String> {
     let mut notes = Vec::new();
-    if c.outbound.is_none() {
-        notes.push("no outbound access log from the source's ztunnel".into());
+    match (&c.outbound, c.attempt.outbound_logged) {
+        (None, true) => notes.push("no outbound access log from the source's ztunnel".into()),
+        (None, false) => notes.push(format!(
+            "no outbound log: {} is outside the mesh, so its own traffic is not captured",
+            c.attempt.from
+        )),
+        _ => {}
     }
     match (&c.inbound, c.attempt.inbound_logged) {
         (None, true) => notes.push("no inbound access log from the destination's ztunnel".into()),
@@ -293,6 +298,7 @@ mod tests {
                 target_name: "echo".into(),
                 expect: Expect::Denied,
                 inbound_logged: true,
+                outbound_logged: true,
             },
             seen: Seen {
                 local: None,

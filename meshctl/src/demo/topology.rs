@@ -213,7 +213,7 @@ mod tests {
         let echo = topo.service("echo").unwrap();
         let names: Vec<_> = topo.endpoints(echo).iter().map(|w| &w.name).collect();
         assert_eq!(names, ["echo-v1", "echo-v2"]);
-        assert_eq!(echo.vip().unwrap(), "127.0.10.1:80".parse().unwrap());
+        assert_eq!(echo.vip().unwrap(), "10.96.0.10:80".parse().unwrap());
         assert_eq!(echo.target_port().unwrap(), 8080);
         assert!(!topo.workload("legacy").unwrap().in_mesh());
         assert!(topo.workload("notsleep").unwrap().in_mesh());
@@ -229,7 +229,7 @@ mod tests {
             ["spiffe://cluster.local/ns/default/sa/echo"]
         );
         assert_eq!(topo.address_count(), 6);
-        assert!(!topo.mesh_ips().contains(&"127.0.2.20".parse().unwrap()));
+        assert!(!topo.mesh_ips().contains(&"10.1.0.13".parse().unwrap()));
     }
 
     #[test]

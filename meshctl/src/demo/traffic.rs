@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Result;
+use tokio::net::TcpSocket;
 
 use super::access_log::{AccessLogs, Entry};
 use super::client::{self, Seen};
@@ -20,6 +21,10 @@ const OUTSIDER: &str = "notsleep";
 const SERVICE: &str = "echo";
 /// A destination outside the mesh.
 const LEGACY: &str = "legacy";
+/// A server reached by its pod IP rather than the service VIP.
+const BY_POD_IP: &str = "echo-v2";
+/// The endpoint the pod outside the mesh calls.
+const FROM_OUTSIDE_TO: &str = "echo-v1";
 /// Enough calls to the VIP for round robin to reach every endpoint at least twice.
 const VIP_CALLS: usize = 4;
 
@@ -46,6 +51,18 @@ pub struct Attempt {
     pub expect: Expect,
     /// Whether a ztunnel on the destination side is on the path and writes an inbound line.
     pub inbound_logged: bool,
+    /// Whether the client's own ztunnel writes an outbound line (it is in the mesh).
+    pub outbound_logged: bool,
+}
+
+/// How a client reaches its target.
+#[derive(Clone, Copy)]
+pub enum Dialer<'a> {
+    /// Through a ztunnel's SOCKS5 port, binding the client's workload IP (loopback demo).
+    Socks5(SocketAddr),
+    /// Straight to the target from a socket opened in the named client pod's network
+    /// namespace; the node's ztunnel captures it (network-namespace demo).
+    Pod(&'a (dyn Fn(&str) -> std::io::Result<TcpSocket> + Sync)),
 }
 
 /// One connection: what was tried, what the client saw, and what the ztunnels logged.
@@ -55,6 +72,30 @@ pub struct Connection {
     pub seen: Seen,
     pub outbound: Option<Entry>,
     pub inbound: Option<Entry>,
+}
+
+/// The connections of the network-namespace demo: those of [`plan`], one by pod IP, and
+/// one from the pod outside the mesh into it (plaintext, so no identity the ALLOW policy
+/// could match: denied at the destination).
+pub fn plan_captured(topo: &Topology) -> Result<Vec<Attempt>> {
+    let mut plan = plan(topo)?;
+    let client = topo.workload(CLIENT)?;
+    let port = topo.service(SERVICE)?.target_port()?;
+    let by_ip = topo.workload(BY_POD_IP)?;
+    let by_ip_addr = SocketAddr::new(by_ip.ip()?, port);
+    let direct = Attempt::new(client, by_ip_addr, BY_POD_IP, Expect::Allowed, true)?;
+    plan.insert(VIP_CALLS, direct);
+    let legacy = topo.workload(LEGACY)?;
+    let inside = topo.workload(FROM_OUTSIDE_TO)?;
+    let inside_addr = SocketAddr::new(inside.ip()?, port);
+    plan.push(Attempt::new(
+        legacy,
+        inside_addr,
+        FROM_OUTSIDE_TO,
+        Expect::Denied,
+        true,
+    )?);
+    Ok(plan)
 }
 
 /// The connections of the demo, in order.
@@ -81,11 +122,15 @@ pub fn plan(topo: &Topology) -> Result<Vec<Attempt>> {
     Ok(plan)
 }
 
-/// The echo servers to run: every workload on `node`, on the service's target port.
-pub fn servers(topo: &Topology, node: &str) -> Result<Vec<(String, SocketAddr)>> {
-    let port = topo.service(SERVICE)?.target_port()?;
-    let on_node = topo.on_node(node);
-    on_node
+/// The echo servers to run: the service's endpoints and the workload outside the mesh,
+/// on the service's target port.
+pub fn servers(topo: &Topology) -> Result<Vec<(String, SocketAddr)>> {
+    let service = topo.service(SERVICE)?;
+    let port = service.target_port()?;
+    let mut workloads = topo.endpoints(service);
+    workloads.push(topo.workload(LEGACY)?);
+    workloads
+        .into_iter()
         .map(|w| Ok((w.name.clone(), SocketAddr::new(w.ip()?, port))))
         .collect()
 }
@@ -97,13 +142,21 @@ pub fn backends(topo: &Topology) -> Result<Vec<String>> {
     Ok(endpoints.into_iter().map(|w| w.name.clone()).collect())
 }
 
-/// Runs the plan through the SOCKS5 proxy at `proxy`, printing one line per connection.
-pub async fn run(plan: Vec<Attempt>, proxy: SocketAddr, logs: &AccessLogs) -> Vec<Connection> {
+/// Runs the plan, one connection at a time, printing one line per connection.
+pub async fn run(plan: Vec<Attempt>, dialer: Dialer<'_>, logs: &AccessLogs) -> Vec<Connection> {
     let mut conns = Vec::new();
     for (i, attempt) in plan.into_iter().enumerate() {
         let mark = logs.mark();
         let payload = format!("hello from {} #{}\n", attempt.from, i + 1);
-        let seen = client::run(proxy, attempt.from_ip, attempt.target, &payload).await;
+        let seen = match dialer {
+            Dialer::Socks5(proxy) => {
+                client::run(proxy, attempt.from_ip, attempt.target, &payload).await
+            }
+            Dialer::Pod(open) => match open(&attempt.from) {
+                Ok(socket) => client::direct(socket, attempt.target, &payload).await,
+                Err(e) => client::not_opened(&attempt.from, &e),
+            },
+        };
         println!("  #{} {}: {}", i + 1, attempt, client::describe(&seen));
         let (outbound, inbound) = find_logs(logs, mark, &attempt, seen.local).await;
         conns.push(Connection {
@@ -123,13 +176,10 @@ async fn find_logs(
     a: &Attempt,
     local: Option<SocketAddr>,
 ) -> (Option<Entry>, Option<Entry>) {
-    let inbound_wait = if a.inbound_logged {
-        LOG_WAIT
-    } else {
-        STRAY_WAIT
-    };
+    let wait = |expected| if expected { LOG_WAIT } else { STRAY_WAIT };
+    let inbound_wait = wait(a.inbound_logged);
     tokio::join!(
-        find_log(logs, mark, LOG_WAIT, "outbound", a, local),
+        find_log(logs, mark, wait(a.outbound_logged), "outbound", a, local),
         find_log(logs, mark, inbound_wait, "inbound", a, local),
     )
 }
@@ -168,6 +218,7 @@ impl Attempt {
             target_name: name.to_owned(),
             expect,
             inbound_logged,
+            outbound_logged: from.in_mesh(),
         })
     }
 

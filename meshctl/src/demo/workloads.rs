@@ -27,6 +27,19 @@ impl EchoServers {
         }
         Ok(EchoServers { _tasks: tasks })
     }
+
+    /// Serves listeners already bound elsewhere (inside pods' network namespaces: a
+    /// socket stays in the namespace it was made in). Call within a tokio runtime.
+    pub fn serve(listeners: Vec<(String, std::net::TcpListener)>) -> Result<Self> {
+        let mut tasks = JoinSet::new();
+        for (name, listener) in listeners {
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)
+                .with_context(|| format!("serve echo server {name}"))?;
+            tasks.spawn(serve(listener, name));
+        }
+        Ok(EchoServers { _tasks: tasks })
+    }
 }
 
 async fn serve(listener: TcpListener, name: String) {

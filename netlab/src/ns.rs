@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::bench::process::{ChildGuard, Spawn};
+use crate::process::{ChildGuard, Spawn};
 
 /// Where `ip netns` keeps the namespaces it names.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -33,7 +33,7 @@ impl Netns {
     /// Creates the namespace with loopback up. Panics (failing the test) when `ip` fails,
     /// e.g. without root or when the name is taken.
     pub fn create(name: &str) -> Netns {
-        super::run("ip", &["netns", "add", name]);
+        crate::run("ip", &["netns", "add", name]);
         let ns = Netns {
             name: name.to_owned(),
         };
@@ -73,7 +73,7 @@ impl Netns {
     pub fn ip(&self, args: &str) {
         let mut all = vec!["-n", &self.name];
         all.extend(args.split_whitespace());
-        super::run("ip", &all);
+        crate::run("ip", &all);
     }
 
     /// Sets a sysctl of this namespace, e.g. `("net.ipv4.ip_forward", "1")`. The

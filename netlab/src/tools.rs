@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::ns::Netns;
 use super::topology::Pod;
-use crate::bench::process::{ChildGuard, Spawn, Stdout};
+use crate::process::{ChildGuard, Spawn, Stdout};
 
 impl Netns {
     /// `python3 -m http.server` serving `root` on `ip:port`, its request log (one line per

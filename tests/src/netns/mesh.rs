@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rand::distr::{Alphanumeric, SampleString};
 
-use super::tools::wait_for_record;
+use mesh_netlab::wait_for_record;
 use super::topology::{Pod, Topology};
 use crate::bench::loopback::{default_ztunnel_path, http_status, READINESS_PORT};
 use crate::bench::process::{ChildGuard, Spawn, Stdout};

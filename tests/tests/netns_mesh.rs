@@ -20,6 +20,7 @@ fn start(capture: Option<&str>) -> NetnsMesh {
             "node2",
             [
                 PodSpec::new("server").label("app", "web"),
+                PodSpec::new("neighbor"),
                 PodSpec::new("legacy").not_ambient(),
             ],
         ),
@@ -61,36 +62,40 @@ fn netns_mesh_nodes_get_config_from_the_fabric() {
     assert!(mesh.controller().exited().is_none());
 }
 
-/// An unmodified client in an ambient pod reaches a pod on the other node, by pod IP and
-/// by Service VIP; the destination's ztunnel saw the client's identity over mTLS, and the
+/// An unmodified client in an ambient pod reaches a pod on the other node and one on its
+/// own node, by pod IP and by Service VIP; the destination's ztunnel saw the client's identity over mTLS, and the
 /// server saw the client's own address.
 #[test]
-fn netns_mesh_captured_pod_to_pod_across_nodes() {
+fn netns_mesh_captured_pod_to_pod_across_nodes_and_on_one_node() {
     let mut mesh = start(Some(&capture_mode()));
     let server = mesh.pod("server");
     let http = server.hello_server(&mesh.work_dir);
-    let client = mesh.pod("client");
-    for url in [
-        format!("http://{}:8080/hello", server.ip),
-        format!("http://{VIP}/hello"),
-    ] {
-        let body = client.curl(&url).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(body, "hello from server\n");
+    let server_ip = server.ip;
+    // From the other node, then from the server's own node (HBONE to the local 15008).
+    for (from, node) in [("client", "node1"), ("neighbor", "node2")] {
+        let client = mesh.pod(from);
+        for url in [
+            format!("http://{server_ip}:8080/hello"),
+            format!("http://{VIP}/hello"),
+        ] {
+            let body = client.curl(&url).unwrap_or_else(|e| panic!("{from}: {e}"));
+            assert_eq!(body, "hello from server\n", "{from} {url}");
+        }
+        let client_ip = client.ip.to_string();
+        let want = pod_identity(client);
+        let log = http.stderr_tail(5);
+        assert!(
+            log.contains(&format!("{client_ip} - - ")),
+            "{from} ({node}): server saw another source: {log}"
+        );
+        let rec = mesh.expect_record(
+            "node2",
+            |r| r["src_identity"] == want.as_str() && r["mtls"] == true,
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            rec["src_addr"].as_str().unwrap().split(':').next(),
+            Some(client_ip.as_str())
+        );
     }
-    let client_ip = client.ip.to_string();
-    let want = pod_identity(client);
-    let log = http.stderr_tail(5);
-    assert!(
-        log.contains(&format!("{client_ip} - - ")),
-        "server saw another source: {log}"
-    );
-    let rec = mesh.expect_record(
-        "node2",
-        |r| r["src_identity"] == want.as_str() && r["mtls"] == true,
-        Duration::from_secs(5),
-    );
-    assert_eq!(
-        rec["src_addr"].as_str().unwrap().split(':').next(),
-        Some(client_ip.as_str())
-    );
 }

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rand::distr::{Alphanumeric, SampleString};
 
-use mesh_netlab::wait_for_record;
 use super::topology::{Pod, Topology};
 use crate::bench::loopback::{default_ztunnel_path, http_status, READINESS_PORT};
 use crate::bench::process::{ChildGuard, Spawn, Stdout};
 use crate::controlled::{controller_spawn, pod_in, tokens_yaml, write_atomic};
+use mesh_netlab::wait_for_record;
 
 /// Where Service VIPs are taken from (not routed anywhere).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";

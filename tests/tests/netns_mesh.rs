@@ -62,9 +62,9 @@ fn netns_mesh_nodes_get_config_from_the_fabric() {
     assert!(mesh.controller().exited().is_none());
 }
 
-/// An unmodified client in an ambient pod reaches a pod on the other node and one on its
-/// own node, by pod IP and by Service VIP; the destination's ztunnel saw the client's identity over mTLS, and the
-/// server saw the client's own address.
+/// Unmodified clients in ambient pods, one on the other node and one on the server's own
+/// node, reach the server by pod IP and by Service VIP; the destination's ztunnel saw each
+/// client's identity over mTLS, and the server saw the client's own address.
 #[test]
 fn netns_mesh_captured_pod_to_pod_across_nodes_and_on_one_node() {
     let mut mesh = start(Some(&capture_mode()));

@@ -34,6 +34,9 @@ pub struct NetnsArgs {
     /// Leave CPU idle states alone instead of holding /dev/cpu_dma_latency at 0.
     #[arg(long)]
     pub no_poll: bool,
+    /// The ztunnels' --worker-threads (default: theirs, one per CPU).
+    #[arg(long)]
+    pub ztunnel_workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +88,10 @@ fn measure_both(args: &NetnsArgs, secs: u32, rr_samples: usize) -> anyhow::Resul
     let opts = MeshOptions {
         capture: Some(args.capture.clone()),
         log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        ztunnel_args: args
+            .ztunnel_workers
+            .map(|n| vec!["--worker-threads".to_owned(), n.to_string()])
+            .unwrap_or_default(),
         ..MeshOptions::default()
     };
     let mut mesh = NetnsMesh::start(topo, &opts)?;

@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/authorization.proto",
         "proto/discovery.proto",
         "proto/ca.proto",
+        "proto/l7.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

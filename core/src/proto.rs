@@ -37,6 +37,15 @@ pub mod envoy {
     }
 }
 
+/// The waypoint's own L7 types (`proto/l7.proto`).
+pub mod mesh {
+    pub mod l7 {
+        pub mod v1 {
+            tonic::include_proto!("mesh.l7.v1");
+        }
+    }
+}
+
 pub mod google {
     pub mod rpc {
         tonic::include_proto!("google.rpc");
@@ -47,6 +56,8 @@ pub mod google {
 pub mod type_url {
     pub const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
     pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
+    pub const L7_SERVICE: &str = "type.googleapis.com/mesh.l7.v1.ServiceConfig";
+    pub const L7_POLICY: &str = "type.googleapis.com/mesh.l7.v1.Policy";
 }
 
 #[cfg(test)]

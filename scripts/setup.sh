@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for tool in curl:curl openssl:openssl ip:iproute2 iptables:iptables unshare:util-linux protoc:protobuf-compiler clang:clang iperf3:iperf3 python3:python3 tcpdump:tcpdump; do
+for tool in curl:curl openssl:openssl ip:iproute2 iptables:iptables unshare:util-linux protoc:protobuf-compiler clang:clang iperf3:iperf3 python3:python3 tcpdump:tcpdump wrk:wrk h2load:nghttp2-client; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 # libbpf's headers, for the eBPF programs mesh-ebpf compiles with clang.

@@ -9,6 +9,7 @@
 pub mod controlplane;
 pub mod cpu_latency;
 pub mod l4;
+pub mod l7;
 pub mod loopback;
 pub mod netns;
 pub use mesh_netlab::process;

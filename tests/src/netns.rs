@@ -13,7 +13,7 @@ mod mesh;
 
 pub use mesh::{
     capture_mode, pod_identity, MeshOptions, NetnsMesh, ServiceSpec, CAPTURE_MODE_ENV,
-    SERVICE_CIDR, XDS_PORT,
+    GATEWAY_NAME_LABEL, SERVICE_CIDR, XDS_PORT,
 };
 // The namespaces themselves live in mesh-netlab (meshctl's demo builds the same cluster);
 // re-exported so the tests name them here as before.

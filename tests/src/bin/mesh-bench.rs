@@ -1,9 +1,10 @@
 //! mesh-bench: benchmarks of the mesh against direct connections on the same machine.
 //! `mesh-bench l4` runs two ztunnels on loopback; `mesh-bench controlplane` the controller
-//! with many delta-ADS clients; `mesh-bench netns` pods in network namespaces; see `mesh_tests::bench`.
+//! with many delta-ADS clients; `mesh-bench netns` and `mesh-bench l7` pods in network
+//! namespaces; see `mesh_tests::bench`.
 
 use clap::{Parser, Subcommand};
-use mesh_tests::bench::{controlplane, l4, netns, relay};
+use mesh_tests::bench::{controlplane, l4, l7, netns, relay};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +25,10 @@ enum Benchmark {
     /// round trips, direct and then through the mesh with capture. The last stdout line is
     /// JSON.
     Netns(netns::NetnsArgs),
+    /// HTTP/1.1 (wrk) and HTTP/2 (h2load) between pods on two nodes: direct, through the
+    /// ztunnels, and through the waypoint; the waypoint's CPU and memory at 1,000
+    /// requests/s (root). The last stdout line is JSON.
+    L7(l7::L7Args),
     /// The controller serving 10,000 pods to 100 delta-ADS clients: initial sync, pod
     /// change to every ACK, memory, full push size. The last stdout line is JSON.
     Controlplane(controlplane::ControlPlaneArgs),
@@ -48,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         match cli.command {
             Benchmark::L4(args) => l4::run(args).await,
             Benchmark::Netns(args) => netns::run(args).await,
+            Benchmark::L7(args) => l7::run(args).await,
             Benchmark::Controlplane(args) => controlplane::run(args).await,
             Benchmark::ControlplaneController(args) => controlplane::serve_controller(args).await,
             Benchmark::Relay { maps, socks } => relay::serve(maps, socks).await,

@@ -23,6 +23,9 @@ use crate::bench::process::{ChildGuard, Spawn, Stdout};
 use crate::controlled::{controller_spawn, pod_in, tokens_yaml, write_atomic};
 use mesh_netlab::wait_for_record;
 
+mod waypoint;
+pub use waypoint::GATEWAY_NAME_LABEL;
+
 /// Where Service VIPs are taken from (not routed anywhere).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The controller's plaintext gRPC port (delta xDS and CA) on the fabric address.
@@ -40,6 +43,8 @@ pub struct ServiceSpec {
     pub app: String,
     pub port: u16,
     pub target_port: u16,
+    /// Labels of the Service object (e.g. `istio.io/use-waypoint`).
+    pub labels: Vec<(String, String)>,
 }
 
 impl ServiceSpec {
@@ -51,14 +56,27 @@ impl ServiceSpec {
             app: app.to_owned(),
             port,
             target_port,
+            labels: Vec::new(),
         }
+    }
+
+    /// Sends the service's traffic through waypoint `name` (`istio.io/use-waypoint`).
+    pub fn use_waypoint(mut self, name: &str) -> Self {
+        (self.labels).push(("istio.io/use-waypoint".to_owned(), name.to_owned()));
+        self
     }
 
     fn manifest(&self) -> String {
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\n\
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}, labels: {{{}}}}}\n\
              spec: {{clusterIP: {}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n",
-            self.name, self.namespace, self.vip, self.app, self.port, self.target_port
+            self.name,
+            self.namespace,
+            flow_map(&self.labels),
+            self.vip,
+            self.app,
+            self.port,
+            self.target_port
         )
     }
 }
@@ -72,6 +90,9 @@ pub struct MeshOptions {
     pub manifests: Vec<(String, String)>,
     /// Extra flags for every ztunnel.
     pub ztunnel_args: Vec<String>,
+    /// Waypoints, by name: each runs in the topology's pod of that name (see
+    /// `mesh/waypoint.rs`) behind a Gateway and Service of that name.
+    pub waypoints: Vec<String>,
     /// `RUST_LOG` of the controller and the ztunnels.
     pub log: String,
     /// How long the controller and each ztunnel get to become ready.
@@ -94,6 +115,7 @@ impl Default for MeshOptions {
             services: Vec::new(),
             manifests: Vec::new(),
             ztunnel_args: Vec::new(),
+            waypoints: Vec::new(),
             log: "info".to_owned(),
             ready_timeout: Duration::from_secs(30),
         }
@@ -104,6 +126,7 @@ impl Default for MeshOptions {
 #[derive(Debug)]
 pub struct NetnsMesh {
     // Field order is drop order.
+    waypoints: Vec<ChildGuard>,
     ztunnels: Vec<ChildGuard>,
     controller: ChildGuard,
     /// Kept to start a ztunnel again with the same flags ([`NetnsMesh::restart_ztunnel`]).
@@ -127,9 +150,10 @@ impl NetnsMesh {
             write_atomic(&dir, &config_dir, &file, &text)
                 .with_context(|| format!("writing manifest {file}"))?;
         }
-        let tokens = write_tokens(&topo, &dir)?;
+        let tokens = write_tokens(&topo, opts, &dir)?;
         let controller = start_controller(&topo, &dir, &config_dir, opts)?;
         let mut mesh = NetnsMesh {
+            waypoints: Vec::new(),
             ztunnels: Vec::new(),
             controller,
             opts: opts.clone(),
@@ -140,6 +164,10 @@ impl NetnsMesh {
         for (i, token) in tokens.iter().enumerate() {
             let ztunnel = mesh.start_ztunnel(i, token)?;
             mesh.ztunnels.push(ztunnel);
+        }
+        for name in &opts.waypoints {
+            let waypoint = mesh.start_waypoint(name)?;
+            mesh.waypoints.push(waypoint);
         }
         Ok(mesh)
     }
@@ -185,7 +213,7 @@ impl NetnsMesh {
     /// Every process's state and last log lines: for failure messages.
     pub fn describe(&mut self) -> String {
         let mut out = self.controller.describe(STDERR_LINES);
-        for z in &mut self.ztunnels {
+        for z in self.ztunnels.iter_mut().chain(&mut self.waypoints) {
             let _ = write!(out, "\n{}", z.describe(STDERR_LINES));
         }
         out
@@ -309,11 +337,13 @@ fn manifests(topo: &Topology, opts: &MeshOptions) -> Vec<(String, String)> {
         })
         .collect();
     out.extend(topo.pods().map(|p| {
-        (
-            format!("pod-{}.yaml", p.spec.name),
-            pod_manifest(p, p.spec.ambient),
-        )
+        let text = match waypoint::pod_labels(p, opts) {
+            Some(labels) => pod_manifest_labelled(p, &labels),
+            None => pod_manifest(p, p.spec.ambient),
+        };
+        (format!("pod-{}.yaml", p.spec.name), text)
     }));
+    out.extend(waypoint::manifests(topo, opts));
     out.extend(opts.services.iter().map(|s| {
         (
             format!("service-{}-{}.yaml", s.namespace, s.name),
@@ -325,15 +355,15 @@ fn manifests(topo: &Topology, opts: &MeshOptions) -> Vec<(String, String)> {
 }
 
 fn pod_manifest(pod: &Pod, ambient: bool) -> String {
-    let mut labels: Vec<(&str, &str)> = pod
-        .spec
-        .labels
-        .iter()
+    let off = [("istio.io/dataplane-mode".to_owned(), "none".to_owned())];
+    pod_manifest_labelled(pod, if ambient { &[] } else { &off })
+}
+
+/// Pod `pod`'s manifest with `extra` labels besides its own.
+fn pod_manifest_labelled(pod: &Pod, extra: &[(String, String)]) -> String {
+    let labels: Vec<(&str, &str)> = (pod.spec.labels.iter().chain(extra))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    if !ambient {
-        labels.push(("istio.io/dataplane-mode", "none"));
-    }
     pod_in(
         &pod.spec.namespace,
         &pod.spec.name,
@@ -357,7 +387,13 @@ pub fn pod_identity(pod: &Pod) -> String {
 }
 
 /// A fresh random token per node: the controller's token file and one file per ztunnel.
-fn write_tokens(topo: &Topology, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// `{k: v, ...}`'s inside, for a YAML flow map.
+fn flow_map(pairs: &[(String, String)]) -> String {
+    let items: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    items.join(", ")
+}
+
+fn write_tokens(topo: &Topology, opts: &MeshOptions, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut rng = rand::rng();
     let tokens: Vec<(&str, String)> = topo
         .nodes
@@ -366,7 +402,8 @@ fn write_tokens(topo: &Topology, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect();
     let listed: Vec<(&str, &str)> = tokens.iter().map(|(n, t)| (*n, t.as_str())).collect();
     let file = dir.join("tokens.yaml");
-    std::fs::write(&file, tokens_yaml(&listed)).context("writing tokens.yaml")?;
+    let yaml = tokens_yaml(&listed) + &waypoint::tokens(topo, opts, dir)?;
+    std::fs::write(&file, yaml).context("writing tokens.yaml")?;
     let mut per_node = Vec::new();
     for (node, token) in &tokens {
         let path = token_path(dir, node);

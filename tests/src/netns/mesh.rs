@@ -41,6 +41,8 @@ pub struct ServiceSpec {
     pub vip: Ipv4Addr,
     /// The `app` label the selector matches.
     pub app: String,
+    /// More selector labels besides `app`.
+    pub selector: Vec<(String, String)>,
     pub port: u16,
     pub target_port: u16,
     /// Labels of the Service object (e.g. `istio.io/use-waypoint`).
@@ -57,6 +59,7 @@ impl ServiceSpec {
             port,
             target_port,
             labels: Vec::new(),
+            selector: Vec::new(),
         }
     }
 
@@ -67,14 +70,16 @@ impl ServiceSpec {
     }
 
     fn manifest(&self) -> String {
+        let mut selector = vec![("app".to_owned(), self.app.clone())];
+        selector.extend(self.selector.iter().cloned());
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}, labels: {{{}}}}}\n\
-             spec: {{clusterIP: {}, selector: {{app: {}}}, ports: [{{port: {}, targetPort: {}}}]}}\n",
+             spec: {{clusterIP: {}, selector: {{{}}}, ports: [{{port: {}, targetPort: {}}}]}}\n",
             self.name,
             self.namespace,
             flow_map(&self.labels),
             self.vip,
-            self.app,
+            flow_map(&selector),
             self.port,
             self.target_port
         )

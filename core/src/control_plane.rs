@@ -31,6 +31,12 @@ pub enum ControlPlaneError {
     Root(String),
 }
 
+/// A proxy's bearer token for the controller, from the file a flag names (a projected
+/// service-account token in Kubernetes), surrounding whitespace trimmed.
+pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+}
+
 /// Where the controller is and how to trust it.
 #[derive(Clone)]
 pub struct ControlPlane {

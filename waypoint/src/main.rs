@@ -71,15 +71,12 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
     let mut s = Settings::new(&args.name, &sa, &args.xds_address);
     s.trust_domain = args.trust_domain;
     s.root_cert = args.xds_root_cert;
-    s.token = match &args.token_file {
-        Some(path) => Some(
-            (std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?)
-            .trim()
-            .to_owned(),
-        ),
-        None => None,
-    };
+    s.token = (args.token_file.as_deref())
+        .map(|p| {
+            mesh_core::control_plane::read_token(p)
+                .with_context(|| format!("reading {}", p.display()))
+        })
+        .transpose()?;
     if let (Some(ca_cert), Some(ca_key)) = (args.ca_cert, args.ca_key) {
         s.ca = CaSource::Local { ca_cert, ca_key };
     }

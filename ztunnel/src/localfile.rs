@@ -92,6 +92,16 @@ fn default_hbone_port() -> u16 {
 }
 
 impl WaypointSpec {
+    fn resolve_opt(
+        spec: &Option<WaypointSpec>,
+        own_ns: &str,
+        file: &File,
+    ) -> Result<Option<GatewayAddress>, String> {
+        (spec.as_ref())
+            .map(|spec| spec.resolve(own_ns, &file.trust_domain))
+            .transpose()
+    }
+
     fn resolve(&self, own_ns: &str, trust_domain: &str) -> Result<GatewayAddress, String> {
         let destination = match (&self.hostname, self.address) {
             (Some(host), None) => {
@@ -233,11 +243,7 @@ fn workloads(file: &File, errors: &mut Vec<String>) -> Vec<Workload> {
             errors.push(format!("workload {uid}: an ip is already used by {other}"));
             continue;
         }
-        let waypoint = w
-            .waypoint
-            .as_ref()
-            .map(|spec| spec.resolve(&w.namespace, &file.trust_domain));
-        let waypoint = match waypoint.transpose() {
+        let waypoint = match WaypointSpec::resolve_opt(&w.waypoint, &w.namespace, file) {
             Ok(wp) => wp,
             Err(e) => {
                 errors.push(format!("workload {uid}: {e}"));
@@ -282,11 +288,7 @@ fn services(file: &File, workloads: &[Workload], errors: &mut Vec<String>) -> Ve
             errors.push(format!("service {name}: port 0 is not a port"));
             continue;
         }
-        let waypoint = s
-            .waypoint
-            .as_ref()
-            .map(|spec| spec.resolve(&s.namespace, &file.trust_domain));
-        let waypoint = match waypoint.transpose() {
+        let waypoint = match WaypointSpec::resolve_opt(&s.waypoint, &s.namespace, file) {
             Ok(wp) => wp,
             Err(e) => {
                 errors.push(format!("service {name}: {e}"));

@@ -31,6 +31,12 @@ pub enum ControlPlaneError {
     Root(String),
 }
 
+/// A proxy's bearer token for the controller, from the file a flag names (a projected
+/// service-account token in Kubernetes), surrounding whitespace trimmed.
+pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+}
+
 /// Where the controller is and how to trust it.
 #[derive(Clone)]
 pub struct ControlPlane {
@@ -50,6 +56,20 @@ impl std::fmt::Debug for ControlPlane {
 }
 
 impl ControlPlane {
+    /// As [`ControlPlane::new`], with the mesh root read from a PEM file.
+    pub fn with_root_file(
+        address: &str,
+        root_file: Option<&std::path::Path>,
+    ) -> Result<Self, ControlPlaneError> {
+        let root = root_file
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| ControlPlaneError::Root(format!("reading {}: {e}", p.display())))
+            })
+            .transpose()?;
+        Self::new(address, root.as_deref(), None)
+    }
+
     /// `http://host:port`, or `https://host:port` with `root_pem` (the mesh root) to
     /// verify the controller's certificate for `host` (or `server_name` when given).
     pub fn new(

@@ -7,6 +7,7 @@
 //! identity the destination must present.
 
 mod client;
+mod io;
 mod metrics;
 mod server;
 mod splice;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use client::{ConnectRequest, Pool, PoolKey};
+pub use io::StreamIo;
 pub use metrics::HboneMetrics;
 pub use server::{serve, Handler, InboundRequest, TlsForLocalAddr};
 pub use splice::{splice, SpliceError, Transferred};

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
@@ -249,6 +250,44 @@ impl<H: Handler> XdsClient<H> {
         }
         reply
     }
+}
+
+/// Applies one response of one type to the resources a handler holds (by xDS name):
+/// decodes every resource first; only if all decode are they and the removals applied,
+/// so an `Err` (the NACK reason) leaves `held` as it was.
+pub fn merge<M: Message + Default>(
+    held: &mut BTreeMap<String, M>,
+    type_url: &str,
+    updated: &[Resource],
+    removed: &[String],
+) -> Result<(), String> {
+    let mut decoded = Vec::with_capacity(updated.len());
+    let mut errors = Vec::new();
+    for r in updated {
+        let Some(any) = &r.resource else {
+            errors.push(format!("{}: no resource body", r.name));
+            continue;
+        };
+        if any.type_url != type_url {
+            errors.push(format!(
+                "{}: type {} in a {type_url} response",
+                r.name, any.type_url
+            ));
+            continue;
+        }
+        match M::decode(any.value.as_slice()) {
+            Ok(m) => decoded.push((r.name.clone(), m)),
+            Err(e) => errors.push(format!("{}: {e}", r.name)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    for name in removed {
+        held.remove(name);
+    }
+    held.extend(decoded);
+    Ok(())
 }
 
 /// What part `part` (from 0) of a push cut into `parts` responses says in

@@ -9,4 +9,9 @@
 //! It must not capture traffic or enforce node-level L4 policy (ztunnel's job) and depends
 //! only on `mesh-core`, never on `ztunnel` or `controller`.
 
+pub mod app;
 pub mod backend;
+pub mod config;
+pub mod http;
+pub mod tunnel;
+pub mod upstream;

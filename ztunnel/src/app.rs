@@ -25,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::capture::{self, Capture, CaptureDump, CaptureMetrics};
-use crate::certs::{CertManager, Issuer};
 use crate::config::{Config, Source};
 use crate::inbound::{self, HboneListeners};
 use crate::localfile;
@@ -34,6 +33,7 @@ use crate::outbound;
 use crate::proxy::Proxy;
 use crate::telemetry::{AccessLog, Metrics};
 use crate::xds::XdsConfigHandler;
+use mesh_core::certs::{CertManager, Issuer};
 
 /// How long applying a config waits for certificates of new workloads before going on
 /// (the rest are retried every second).
@@ -184,10 +184,7 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
 }
 
 fn load_ca(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<CertificateAuthority> {
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
-    };
-    CertificateAuthority::from_pem(&read(cert)?, &read(key)?).context("loading the development CA")
+    CertificateAuthority::from_pem_files(cert, key).context("loading the development CA")
 }
 
 /// Starts the delta ADS client; converted configs go to `updates`.
@@ -195,13 +192,7 @@ fn control_plane(
     address: &str,
     root_cert: Option<&std::path::Path>,
 ) -> anyhow::Result<ControlPlane> {
-    let root = match root_cert {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
-        None => None,
-    };
-    Ok(ControlPlane::new(address, root.as_deref(), None)?)
+    Ok(ControlPlane::with_root_file(address, root_cert)?)
 }
 
 fn start_xds(
@@ -461,7 +452,7 @@ fn serve_all(
 struct Dump<'a> {
     config: &'a Config,
     snapshot: Arc<Snapshot>,
-    certificates: Vec<crate::certs::CertSummary>,
+    certificates: Vec<mesh_core::certs::CertSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     xds: Option<XdsStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -481,13 +472,7 @@ fn dump(proxy: &Proxy, xds: Option<XdsStatus>) -> Dump<'_> {
 /// Certificate renewal, and retries of certificates that could not be had.
 fn spawn_renewal(proxy: &Arc<Proxy>) {
     let renew = proxy.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            renew.certs.renew_due().await;
-        }
-    });
+    tokio::spawn(async move { renew.certs.renew_forever().await });
 }
 
 impl App {
@@ -532,23 +517,8 @@ impl App {
 
     /// Runs until SIGTERM or Ctrl-C, then drains.
     pub async fn wait_termination(self) -> DrainOutcome {
-        wait_for_signal().await;
+        drain::wait_for_signal().await;
         info!("terminating: draining connections");
         self.shutdown().await
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

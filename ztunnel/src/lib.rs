@@ -7,7 +7,6 @@
 
 pub mod app;
 pub mod capture;
-pub mod certs;
 pub mod config;
 pub mod inbound;
 pub mod localfile;

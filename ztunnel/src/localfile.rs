@@ -13,8 +13,8 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::model::{
-    labels_match, Labels, MtlsMode, PeerAuthentication, Protocol, Service, ServicePort, Snapshot,
-    Workload,
+    labels_match, GatewayAddress, GatewayDestination, Labels, MtlsMode, PeerAuthentication,
+    Protocol, Service, ServicePort, Snapshot, Workload,
 };
 use crate::policy::{AuthorizationPolicyManifest, Policies, Policy};
 
@@ -72,6 +72,57 @@ struct WorkloadSpec {
     protocol: ProtocolSpec,
     #[serde(default)]
     labels: Labels,
+    waypoint: Option<WaypointSpec>,
+}
+
+/// A waypoint, as `istio.workload.GatewayAddress` names one: its Service
+/// (`{namespace, hostname}`, the hostname short or full) or an `address`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WaypointSpec {
+    namespace: Option<String>,
+    hostname: Option<String>,
+    address: Option<IpAddr>,
+    #[serde(default = "default_hbone_port")]
+    hbone_mtls_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    mesh_core::hbone::PORT
+}
+
+impl WaypointSpec {
+    fn resolve_opt(
+        spec: &Option<WaypointSpec>,
+        own_ns: &str,
+        file: &File,
+    ) -> Result<Option<GatewayAddress>, String> {
+        (spec.as_ref())
+            .map(|spec| spec.resolve(own_ns, &file.trust_domain))
+            .transpose()
+    }
+
+    fn resolve(&self, own_ns: &str, trust_domain: &str) -> Result<GatewayAddress, String> {
+        let destination = match (&self.hostname, self.address) {
+            (Some(host), None) => {
+                let namespace = self.namespace.as_deref().unwrap_or(own_ns).to_owned();
+                let hostname = match host.contains('.') {
+                    true => host.clone(),
+                    false => format!("{host}.{namespace}.svc.{trust_domain}"),
+                };
+                GatewayDestination::Hostname {
+                    namespace,
+                    hostname,
+                }
+            }
+            (None, Some(ip)) => GatewayDestination::Address(ip),
+            _ => return Err("waypoint needs exactly one of hostname and address".to_owned()),
+        };
+        Ok(GatewayAddress {
+            destination,
+            hbone_mtls_port: self.hbone_mtls_port,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +153,7 @@ struct ServiceSpec {
     ports: Vec<PortSpec>,
     #[serde(default)]
     selector: Labels,
+    waypoint: Option<WaypointSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +243,13 @@ fn workloads(file: &File, errors: &mut Vec<String>) -> Vec<Workload> {
             errors.push(format!("workload {uid}: an ip is already used by {other}"));
             continue;
         }
+        let waypoint = match WaypointSpec::resolve_opt(&w.waypoint, &w.namespace, file) {
+            Ok(wp) => wp,
+            Err(e) => {
+                errors.push(format!("workload {uid}: {e}"));
+                continue;
+            }
+        };
         seen_ips.extend(w.ips.iter().map(|ip| (*ip, uid.clone())));
         out.push(Workload {
             uid,
@@ -206,6 +265,7 @@ fn workloads(file: &File, errors: &mut Vec<String>) -> Vec<Workload> {
             },
             labels: w.labels.clone(),
             authorization_policies: Vec::new(),
+            waypoint,
         });
     }
     out
@@ -228,6 +288,13 @@ fn services(file: &File, workloads: &[Workload], errors: &mut Vec<String>) -> Ve
             errors.push(format!("service {name}: port 0 is not a port"));
             continue;
         }
+        let waypoint = match WaypointSpec::resolve_opt(&s.waypoint, &s.namespace, file) {
+            Ok(wp) => wp,
+            Err(e) => {
+                errors.push(format!("service {name}: {e}"));
+                continue;
+            }
+        };
         // An empty selector selects nothing, as for a Kubernetes Service.
         let endpoints = workloads
             .iter()
@@ -256,6 +323,7 @@ fn services(file: &File, workloads: &[Workload], errors: &mut Vec<String>) -> Ve
                 .collect(),
             endpoints,
             endpoint_ports: BTreeMap::new(),
+            waypoint,
         });
     }
     out

@@ -73,15 +73,12 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut cfg = match (args.xds_address, args.config, args.ca_cert, args.ca_key) {
         (Some(address), ..) => {
-            let token = match &args.token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-                None => None,
-            };
+            let token = (args.token_file.as_deref())
+                .map(|p| {
+                    mesh_core::control_plane::read_token(p)
+                        .with_context(|| format!("reading {}", p.display()))
+                })
+                .transpose()?;
             let mut cfg = Config::with_controller(&args.node, &address, token);
             if let ztunnel::config::Source::Controller { root_cert, .. } = &mut cfg.source {
                 *root_cert = args.xds_root_cert;

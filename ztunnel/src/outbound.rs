@@ -1,7 +1,8 @@
 //! Outbound: connections from local workloads, taken from the capture listener (15001)
 //! or SOCKS5 (15080). Resolves the destination (service VIP or hostname -> endpoint,
-//! pod IP -> workload), then tunnels over HBONE to a mesh destination or passes plaintext
-//! through to anything else.
+//! pod IP -> workload), then tunnels over HBONE to a mesh destination (or to the waypoint
+//! the service or workload names, with the VIP or pod address as authority) or passes
+//! plaintext through to anything else.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,7 @@ use mesh_core::socks5::{self, Reply, Target};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn, Instrument};
 
-use crate::model::{Protocol, Service, Snapshot, Workload};
+use crate::model::{GatewayAddress, Protocol, Service, Snapshot, Workload};
 use crate::proxy::{original_dst, reset, Proxy, Upstream};
 use crate::telemetry::{ConnRecord, Direction, Outcome};
 
@@ -37,9 +38,11 @@ pub enum OutboundError {
         source: std::io::Error,
     },
     #[error("certificate: {0}")]
-    Cert(#[from] crate::certs::CertError),
+    Cert(#[from] mesh_core::certs::CertError),
     #[error("capture loop: {addr} is this ztunnel's own listener")]
     Loop { addr: SocketAddr },
+    #[error("waypoint of {destination} has no reachable pod")]
+    NoWaypoint { destination: String },
 }
 
 impl OutboundError {
@@ -55,9 +58,9 @@ impl OutboundError {
         match self {
             OutboundError::Hbone(HboneError::Denied { .. })
             | OutboundError::UnknownSource { .. } => Reply::NotAllowed,
-            OutboundError::UnknownHost { .. } | OutboundError::NoEndpoints { .. } => {
-                Reply::HostUnreachable
-            }
+            OutboundError::UnknownHost { .. }
+            | OutboundError::NoEndpoints { .. }
+            | OutboundError::NoWaypoint { .. } => Reply::HostUnreachable,
             OutboundError::Hbone(HboneError::Refused { .. })
             | OutboundError::AllEndpointsFailed { .. }
             | OutboundError::Hbone(HboneError::Unavailable { .. }) => Reply::ConnectionRefused,
@@ -87,13 +90,20 @@ impl Proxy {
                 let svc = snap
                     .service_by_host(host)
                     .ok_or_else(|| OutboundError::UnknownHost { host: host.clone() })?;
-                self.to_service(&snap, &src_w, svc, *port, src, rec).await
+                let vip = svc.vips.first().map(|ip| SocketAddr::new(*ip, *port));
+                self.to_service(&snap, &src_w, svc, *port, vip, src, rec)
+                    .await
             }
             Target::Addr(addr) => {
                 if let Some(svc) = snap.service_by_vip(addr.ip()) {
-                    self.to_service(&snap, &src_w, svc, addr.port(), src, rec)
+                    self.to_service(&snap, &src_w, svc, addr.port(), Some(*addr), src, rec)
                         .await
                 } else if let Some(w) = snap.workload_by_ip(addr.ip()) {
+                    let waypoint = w.waypoint.as_ref().map(|gw| (gw, *addr));
+                    if let Some(up) = self.via_waypoint(&snap, &src_w, waypoint, src, rec).await {
+                        rec.set_destination(w);
+                        return up;
+                    }
                     self.to_workload(&src_w, w, *addr, src, rec).await
                 } else {
                     self.passthrough(*addr, src, rec).await
@@ -102,12 +112,15 @@ impl Proxy {
         }
     }
 
+    /// `vip` is the service address the client named (the authority a waypoint gets).
+    #[allow(clippy::too_many_arguments)]
     async fn to_service(
         &self,
         snap: &Snapshot,
         src_w: &Workload,
         svc: &Service,
         port: u16,
+        vip: Option<SocketAddr>,
         client: SocketAddr,
         rec: &mut ConnRecord,
     ) -> Result<Upstream, OutboundError> {
@@ -118,9 +131,12 @@ impl Proxy {
                 port,
             });
         }
-        let endpoints: Vec<(&Arc<Workload>, u16)> = (svc.endpoints.iter())
-            .filter_map(|uid| Some((snap.workload(uid)?, svc.target_port(uid, port)?)))
-            .collect();
+        // A service without a VIP (headless) has no address to name to a waypoint.
+        let waypoint = svc.waypoint.as_ref().zip(vip);
+        if let Some(up) = self.via_waypoint(snap, src_w, waypoint, client, rec).await {
+            return up;
+        }
+        let endpoints = snap.endpoints(svc, port);
         if endpoints.is_empty() {
             return Err(OutboundError::NoEndpoints {
                 service: svc.hostname.clone(),
@@ -129,8 +145,8 @@ impl Proxy {
         let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         for i in 0..endpoints.len() {
-            let (ep, target_port) = endpoints[(start + i) % endpoints.len()];
-            let addr = SocketAddr::new(ep.ips[0], target_port);
+            let (ep, target_port) = &endpoints[(start + i) % endpoints.len()];
+            let addr = SocketAddr::new(ep.ips[0], *target_port);
             match self.to_workload(src_w, ep, addr, client, rec).await {
                 Err(OutboundError::Hbone(e)) if e.is_refusal() => {
                     debug!(endpoint = %addr, "endpoint refused; trying the next: {e}");
@@ -148,6 +164,69 @@ impl Proxy {
         })
     }
 
+    /// Tunnels to a pod of `waypoint` (the gateway and the authority to ask it for), unless
+    /// there is none or the source is one of its pods (its own upstream traffic must reach
+    /// the destination, not loop back). `None`: go direct.
+    async fn via_waypoint(
+        &self,
+        snap: &Snapshot,
+        src_w: &Workload,
+        waypoint: Option<(&GatewayAddress, SocketAddr)>,
+        client: SocketAddr,
+        rec: &mut ConnRecord,
+    ) -> Option<Result<Upstream, OutboundError>> {
+        let (gw, authority) = waypoint?;
+        let pods = snap.waypoint_pods(gw);
+        if pods.iter().any(|p| p.uid == src_w.uid) {
+            return None;
+        }
+        rec.dst_addr = Some(authority);
+        rec.mtls = true;
+        let no_pod = || OutboundError::NoWaypoint {
+            destination: authority.to_string(),
+        };
+        let start = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let mut last = Err(no_pod());
+        for i in 0..pods.len() {
+            let pod = &pods[(start + i) % pods.len()];
+            rec.waypoint = Some(pod.uid.clone());
+            rec.hbone_addr = Some(pod.addr);
+            let req = ConnectRequest {
+                authority,
+                client,
+                ..Default::default()
+            };
+            last = self.tunnel(src_w, &pod.identity, pod.addr, &req).await;
+            match &last {
+                Err(OutboundError::Hbone(e)) if e.is_refusal() => {
+                    debug!(waypoint = %pod.addr, "waypoint pod refused; trying the next: {e}");
+                }
+                _ => break,
+            }
+        }
+        Some(last)
+    }
+
+    /// An HBONE stream from `src_w` to `addr` (a ztunnel's or waypoint's 15008), which must
+    /// present `dst`.
+    async fn tunnel(
+        &self,
+        src_w: &Workload,
+        dst: &mesh_core::Identity,
+        addr: SocketAddr,
+        req: &ConnectRequest,
+    ) -> Result<Upstream, OutboundError> {
+        let src_id = src_w.identity();
+        let cert = self.certs.get_or_issue(&src_id).await?;
+        let key = PoolKey {
+            src: src_id,
+            dst: dst.clone(),
+            addr,
+        };
+        let stream = self.pool.connect(&key, &cert.cert, req).await?;
+        Ok(Upstream::Hbone(stream))
+    }
+
     async fn to_workload(
         &self,
         src_w: &Workload,
@@ -161,22 +240,15 @@ impl Proxy {
         if dst_w.protocol != Protocol::Hbone {
             return self.passthrough(addr, client, rec).await;
         }
-        let src_id = src_w.identity();
-        let cert = self.certs.get_or_issue(&src_id).await?;
-        let key = PoolKey {
-            src: src_id,
-            dst: dst_w.identity(),
-            addr: SocketAddr::new(addr.ip(), self.cfg.ports.hbone),
-        };
-        rec.hbone_addr = Some(key.addr);
+        let hbone = SocketAddr::new(addr.ip(), self.cfg.ports.hbone);
+        rec.hbone_addr = Some(hbone);
         rec.mtls = true;
         let req = ConnectRequest {
             authority: addr,
             client,
             ..Default::default()
         };
-        let stream = self.pool.connect(&key, &cert.cert, &req).await?;
-        Ok(Upstream::Hbone(stream))
+        self.tunnel(src_w, &dst_w.identity(), hbone, &req).await
     }
 
     /// Plaintext to `addr`; in capture modes from `client`'s own address.

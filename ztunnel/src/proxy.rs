@@ -13,10 +13,10 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::capture::Capture;
-use crate::certs::CertManager;
 use crate::config::Config;
 use crate::model::Snapshot;
 use crate::telemetry::{AccessLog, ConnRecord, Direction, Metrics, Outcome};
+use mesh_core::certs::CertManager;
 
 pub struct Proxy {
     pub cfg: Config,

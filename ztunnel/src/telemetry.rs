@@ -29,6 +29,8 @@ pub struct ConnRecord {
     pub dst_namespace: Option<String>,
     pub dst_identity: Option<String>,
     pub hbone_addr: Option<SocketAddr>,
+    /// Uid of the waypoint pod the tunnel went to, when the destination uses a waypoint.
+    pub waypoint: Option<String>,
     pub mtls: bool,
     pub decision: Option<&'static str>,
     pub policy: Option<String>,
@@ -72,6 +74,7 @@ impl ConnRecord {
             dst_namespace: None,
             dst_identity: None,
             hbone_addr: None,
+            waypoint: None,
             mtls: false,
             decision: None,
             policy: None,

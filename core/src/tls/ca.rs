@@ -84,6 +84,16 @@ impl CertificateAuthority {
         })
     }
 
+    /// An existing CA from its certificate and PKCS#8 key in PEM files (a development CA
+    /// given to a proxy on the command line).
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, CaError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| CaError::Load(format!("reading {}: {e}", p.display())))
+        };
+        Self::from_pem(&read(cert)?, &read(key)?)
+    }
+
     /// An existing CA from its certificate and PKCS#8 key in PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("key: {e}")))?;

@@ -22,6 +22,7 @@ fn workload(name: &str, node: &str, ips: &[&str], protocol: Protocol) -> Workloa
         protocol,
         labels: Default::default(),
         authorization_policies: Vec::new(),
+        waypoint: None,
     }
 }
 

@@ -79,3 +79,37 @@ peerAuthentications:
     assert_eq!(mode("ns1/b"), MtlsMode::Permissive);
     assert_eq!(mode("ns2/c"), MtlsMode::Strict);
 }
+
+#[test]
+fn waypoints_of_services_and_workloads_are_kept_and_bad_ones_named() {
+    let text = r#"
+workloads:
+  - {name: wp, serviceAccount: wp, node: n2, ips: [127.0.3.10], protocol: TCP, labels: {gw: wp}}
+  - {name: echo, node: n2, ips: [127.0.2.10], labels: {app: echo}, waypoint: {address: 127.0.3.10}}
+  - {name: bad, node: n2, ips: [127.0.2.11], waypoint: {hostname: wp, address: 127.0.3.10}}
+services:
+  - {name: wp, vips: [127.0.10.9], ports: [{port: 15008}], selector: {gw: wp}}
+  - {name: echo, vips: [127.0.10.1], ports: [{port: 80, targetPort: 8080}], selector: {app: echo}, waypoint: {hostname: wp}}
+"#;
+    let (snap, errors) = parse(text).unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("workload default/bad"), "{errors:?}");
+    let echo = snap.service_by_vip("127.0.10.1".parse().unwrap()).unwrap();
+    let gw = echo.waypoint.as_ref().unwrap();
+    assert_eq!(
+        gw.destination,
+        GatewayDestination::Hostname {
+            namespace: "default".to_owned(),
+            hostname: "wp.default.svc.cluster.local".to_owned(),
+        }
+    );
+    let pods = snap.waypoint_pods(gw);
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].addr.to_string(), "127.0.3.10:15008");
+    assert_eq!(
+        pods[0].identity.to_string(),
+        "spiffe://cluster.local/ns/default/sa/wp"
+    );
+    let w = snap.workload("default/echo").unwrap();
+    assert_eq!(snap.waypoint_pods(w.waypoint.as_ref().unwrap()), pods);
+}

@@ -39,6 +39,7 @@ fn workload(namespace: &str, labels: &[(&str, &str)]) -> Workload {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         authorization_policies: Vec::new(),
+        waypoint: None,
     }
 }
 

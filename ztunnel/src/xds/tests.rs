@@ -8,6 +8,8 @@ use mesh_core::proto::istio::workload::{
     Workload as WireWorkload,
 };
 
+use prost::Message;
+
 use super::*;
 use crate::policy::ConnInfo;
 

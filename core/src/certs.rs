@@ -1,6 +1,6 @@
-//! The node's workload certificates: one per identity of a local workload, issued ahead
-//! of need (or on demand), renewed at half life, replaced whole so established
-//! connections keep theirs. A certificate that could not be had is retried every tick;
+//! Workload certificates a proxy holds: one per identity (a ztunnel's local workloads,
+//! a waypoint's own), issued ahead of need (or on demand), renewed at half life, replaced
+//! whole so established connections keep theirs. A certificate that could not be had is retried every tick;
 //! one that cannot be renewed stays in use until it expires.
 //!
 //! The issuer is the controller's CA (CreateCertificate, asking on the workload's behalf)
@@ -10,10 +10,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::ca_client::{CaClient, CaClientError};
+use crate::tls::{CaError, CertificateAuthority, TlsError, WorkloadCert};
+use crate::Identity;
 use arc_swap::ArcSwap;
-use mesh_core::ca_client::{CaClient, CaClientError};
-use mesh_core::tls::{CaError, CertificateAuthority, TlsError, WorkloadCert};
-use mesh_core::Identity;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -183,6 +183,15 @@ impl CertManager {
             if let Err(e) = self.issue(&id).await {
                 warn!("renewal failed, keeping the current certificate if any: {e}");
             }
+        }
+    }
+
+    /// Renews and retries every second, for the life of the process.
+    pub async fn renew_forever(&self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            self.renew_due().await;
         }
     }
 

@@ -10,3 +10,5 @@
 //! only on `mesh-core`, never on `ztunnel` or `controller`.
 
 pub mod backend;
+pub mod config;
+pub mod http;

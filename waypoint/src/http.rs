@@ -7,6 +7,7 @@
 //! the app builds the `Config` and calls [`Engine::update`].
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ mod detect;
 mod error;
 mod forward;
 mod route;
+mod smuggle;
 mod telemetry;
 mod upstream;
 
@@ -132,9 +134,13 @@ impl Engine {
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let engine = self.clone();
+        let flag = smuggle::Flag::default();
+        let io = smuggle::Guard::new(io, self.limits.max_header_bytes, flag.clone());
+        let requests = Arc::new(AtomicUsize::new(0));
         let svc = service_fn(move |req| {
             let (engine, ds) = (engine.clone(), ds.clone());
-            async move { Ok::<_, Infallible>(engine.handle(req, ds).await) }
+            let smuggled = flag.is(requests.fetch_add(1, Ordering::Relaxed) + 1);
+            async move { Ok::<_, Infallible>(engine.handle(req, ds, smuggled).await) }
         });
         http1::Builder::new()
             .timer(TokioTimer::new())
@@ -154,7 +160,7 @@ impl Engine {
         let engine = self.clone();
         let svc = service_fn(move |req| {
             let (engine, ds) = (engine.clone(), ds.clone());
-            async move { Ok::<_, Infallible>(engine.handle(req, ds).await) }
+            async move { Ok::<_, Infallible>(engine.handle(req, ds, false).await) }
         });
         http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -164,14 +170,27 @@ impl Engine {
             .map_err(|e| e.to_string())
     }
 
-    async fn handle(&self, req: Request<Incoming>, ds: Arc<Downstream>) -> Response<Tracked> {
+    /// `smuggled`: the request carried both Content-Length and Transfer-Encoding.
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        ds: Arc<Downstream>,
+        smuggled: bool,
+    ) -> Response<Tracked> {
         let grpc = req
             .headers()
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let mut rec = Record::new(&req, &ds, grpc);
         let cfg = self.config.load_full();
-        let resp = match self.dispatch(&cfg, req, &ds, &mut rec).await {
+        let result = if smuggled {
+            Err(Error::BadRequest {
+                reason: "both content-length and transfer-encoding",
+            })
+        } else {
+            self.dispatch(&cfg, req, &ds, &mut rec).await
+        };
+        let resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 let status = e.status();

@@ -27,6 +27,21 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 }
 
 #[tokio::test]
+async fn smuggling_with_content_length_and_chunked_is_refused() {
+    let (wp, s) = start(Limits::default()).await;
+    let attack = b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: reviews\r\n\r\n";
+    let out = raw(wp.addr, attack).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(!s[0]
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.path == "/smuggled"));
+    assert_eq!(get(wp.addr, "/", &[]).await.status, 200);
+}
+
+#[tokio::test]
 async fn oversized_headers_get_431() {
     let (wp, s) = start(Limits::default()).await;
     let big = "a".repeat(100 * 1024);
@@ -84,4 +99,26 @@ async fn slow_client_is_cut_off_and_others_are_served() {
         took < Duration::from_secs(4),
         "the slow client was cut off after {took:?}"
     );
+}
+
+#[tokio::test]
+async fn smuggling_guard_follows_framing_of_earlier_requests() {
+    let (wp, s) = start(Limits::default()).await;
+    // A chunked body that itself contains both header names, a fixed-length body, then
+    // the conflicting request: only the third is refused.
+    let pipelined = b"POST /one HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n\
+2b\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n\r\n0\r\n\r\n\
+POST /two HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\n\r\nhello\
+POST /three HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n";
+    let out = raw(wp.addr, pipelined).await;
+    let codes: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(codes, ["200", "200", "400"], "{out}");
+    let paths: Vec<String> = s[0]
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths, ["/one", "/two"]);
 }

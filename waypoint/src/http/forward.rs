@@ -9,6 +9,8 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use rand::Rng;
 
 use super::body::{full, Counted, Holding, ReqBody, RespBody};
@@ -56,6 +58,8 @@ impl Engine {
         ds: &Downstream,
         rec: &mut Record,
     ) -> Result<Response<RespBody>, Error> {
+        let mut req = req;
+        let upgrade = upgrade_of(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
         let (mut parts, body) = req.into_parts();
         route::strip_hop_by_hop(&mut parts.headers);
         if let Some(r) = route {
@@ -66,6 +70,16 @@ impl Engine {
         }
         wb.request_headers.apply(&mut parts.headers);
         rec.trace_id = route::traceparent(&mut parts.headers);
+        if let Some((proto, downstream)) = upgrade {
+            parts.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            parts.headers.insert(http::header::UPGRADE, proto);
+            let target = resolve(cfg, &wb.backend, ds.port, Version::HTTP_11)?;
+            let body = Counted::new(body, rec.request_counter.clone()).boxed();
+            return self.tunnel(&target, parts, body, downstream, ds, rec).await;
+        }
 
         let retry = route.and_then(|r| r.retry.as_ref());
         let mirrors = route.map(|r| r.mirrors.as_slice()).unwrap_or_default();
@@ -164,6 +178,38 @@ impl Engine {
             .outcome(&picked, &target.policy, status, gateway);
         let resp = result?;
         Ok(resp.map(|b| Holding::new(b, picked).boxed()))
+    }
+
+    /// An HTTP/1.1 upgrade (WebSocket and the like): one attempt on a connection of its
+    /// own; on 101 the two upgraded streams are spliced until either side closes.
+    async fn tunnel(
+        &self,
+        target: &Target<'_>,
+        parts: Parts,
+        body: ReqBody,
+        downstream: OnUpgrade,
+        ds: &Downstream,
+        rec: &mut Record,
+    ) -> Result<Response<RespBody>, Error> {
+        rec.attempts = 1;
+        let hash = HashInput::of(&target.policy.load_balancer, &parts, ds.peer);
+        let picked = self.pick(target, &hash).await?;
+        rec.set_upstream(&picked.endpoint);
+        let req = upstream_request(&parts, body, Wire::Http1);
+        let pool = &target.policy.connection_pool;
+        let mut resp = self.upstream.send_upgrade(&picked, pool, req).await?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp.map(|b| Holding::new(b, picked).boxed()));
+        }
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let _picked = picked;
+            if let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
+        Ok(resp.map(|b| b.boxed()))
     }
 
     async fn pick(&self, target: &Target<'_>, hash: &HashInput) -> Result<Picked, Error> {
@@ -294,6 +340,22 @@ async fn buffer(mut body: Counted<Incoming>, limit: usize) -> Result<Payload, Er
         }
     }
     Ok(Payload::Buffered(buf.freeze()))
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (HTTP/2 has no upgrades).
+fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let wants = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        });
+    let proto = req.headers().get(http::header::UPGRADE)?;
+    (wants && req.version() == Version::HTTP_11).then(|| proto.clone())
 }
 
 fn clone_parts(parts: &Parts) -> Parts {

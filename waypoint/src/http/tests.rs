@@ -302,3 +302,27 @@ async fn config_update_applies_to_next_request_on_open_connection() {
     )]);
     assert_eq!(c.get("/", &[]).await.server(), "ratings-0");
 }
+
+#[tokio::test]
+async fn http1_upgrade_is_spliced_after_101() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (wp, _b, reviews, _ratings) = setup().await;
+    wp.apply(vec![service("reviews", vec![])]);
+    let mut tcp = tokio::net::TcpStream::connect(wp.addr).await.unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n";
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    tcp.write_all(b"ping over the tunnel").await.unwrap();
+    let mut back = [0u8; 20];
+    tcp.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping over the tunnel");
+    assert_eq!(reviews[0].count(), 1);
+}

@@ -290,6 +290,24 @@ impl Upstream {
         sender.send_request(req).await.map_err(|e| reset(&e))
     }
 
+    /// An upgrade request on a connection of its own: once upgraded it carries another
+    /// protocol and never returns to the pool.
+    pub async fn send_upgrade(
+        &self,
+        picked: &Picked,
+        pool: &ConnectionPool,
+        req: http::Request<ReqBody>,
+    ) -> Result<http::Response<Incoming>, Error> {
+        let io = self.connect(&picked.endpoint, pool).await?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| reset(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender.send_request(req).await.map_err(|e| reset(&e))
+    }
+
     async fn connect(&self, ep: &Arc<Endpoint>, pool: &ConnectionPool) -> Result<BoxIo, Error> {
         let after = pool.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         match tokio::time::timeout(after, self.backends.connect(ep.clone())).await {

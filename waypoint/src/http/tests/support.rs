@@ -112,6 +112,11 @@ async fn answer(
     b: &Behaviour,
     name: &str,
 ) -> Response<Full<Bytes>> {
+    let mut req = req;
+    let upgrade = req
+        .headers()
+        .contains_key("upgrade")
+        .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -144,6 +149,20 @@ async fn answer(
     };
     let mut resp = Response::new(Full::new(Bytes::from(name.to_owned())));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+    if let Some(on) = upgrade {
+        // An echo protocol after 101, for upgrade tests.
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        resp.headers_mut()
+            .insert("upgrade", "echo".parse().unwrap());
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+    }
     resp.headers_mut().insert("x-server", name.parse().unwrap());
     resp
 }

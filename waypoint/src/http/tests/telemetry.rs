@@ -118,3 +118,44 @@ async fn traceparent_is_continued_or_created() {
         "{tp}"
     );
 }
+
+#[tokio::test]
+async fn grpc_clients_get_grpc_status_and_grpc_labels() {
+    use mesh_core::proto::mesh::l7::v1 as pb;
+    let backends = Arc::new(TestBackends::default());
+    let h2 = Behaviour {
+        h2: true,
+        ..Default::default()
+    };
+    let _s = servers(&backends, "reviews", 1, h2).await;
+    let wp = Waypoint::start(backends, &svc_key("reviews"), Limits::default()).await;
+    let mut r = forward("abort", vec![backend("reviews", 1)]);
+    r.fault = Some(pb::Fault {
+        delay: None,
+        abort: Some(pb::fault::Abort {
+            http_status: 503,
+            grpc_status: 0,
+            percent: 100.0,
+        }),
+    });
+    let mut svc = service("reviews", vec![r]);
+    svc.ports[0].protocol = pb::Protocol::Grpc as i32;
+    wp.apply(vec![svc]);
+    let mut log = wp.engine.access_log();
+    let mut c = Client::h2(wp.addr).await;
+    let ct = [("content-type", "application/grpc")];
+    let reply = c.get("/pkg.Svc/Call", &ct).await;
+    // gRPC reads the status from grpc-status; HTTP 200 as Envoy answers.
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["grpc-status"], "14");
+    let rec = log.recv().await.unwrap();
+    assert_eq!((rec.protocol, rec.response_flags), ("grpc", "FI"));
+    let text = wp.metrics();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{"))
+        .unwrap();
+    assert!(line.contains("request_protocol=\"grpc\""), "{line}");
+    assert!(line.contains("grpc_response_status=\"14\""), "{line}");
+    assert!(line.contains("response_flags=\"FI\""), "{line}");
+}

@@ -12,9 +12,11 @@ use std::time::Duration;
 use mesh_core::proto::mesh::l7::v1 as pb;
 use serde::Serialize;
 
+mod authz;
 mod route;
 mod upstream;
 
+pub use authz::{Attribute, AuthzAction, AuthzInput, AuthzPolicy, AuthzRule, Check, Value};
 pub use route::{
     Action, Backend, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderMatch, HeaderOps, Mirror,
     QueryMatch, Redirect, RetryOn, RetryPolicy, Rewrite, Route, RouteMatch, StringMatch,
@@ -97,6 +99,8 @@ pub struct Config {
     /// `Backend::service` use. Services of other waypoints are kept too: their ports say
     /// which protocol to speak to them as backends.
     pub services: BTreeMap<String, Service>,
+    /// L7 AuthorizationPolicies this waypoint enforces.
+    pub authz: Vec<AuthzPolicy>,
 }
 
 impl Config {
@@ -111,6 +115,7 @@ impl Config {
         let mut config = Config {
             waypoint: waypoint.to_owned(),
             services: BTreeMap::new(),
+            authz: Vec::new(),
         };
         for svc in services {
             if let Some(service) = Service::from_proto(svc, &mut errors) {
@@ -118,15 +123,11 @@ impl Config {
                 config.services.insert(key, service);
             }
         }
-        // L7 authorization is not enforced yet: say so rather than silently allowing.
         for p in policies
             .iter()
             .filter(|p| p.waypoints.iter().any(|w| w == waypoint))
         {
-            errors.push(ConfigError::Policy {
-                policy: format!("{}/{}", p.namespace, p.name),
-                reason: "L7 policies are not enforced by this waypoint yet".into(),
-            });
+            policy(&mut config, p, &mut errors);
         }
         (config, errors)
     }
@@ -137,6 +138,11 @@ impl Config {
             .get(service)
             .and_then(|s| s.ports.get(&port))
             .map_or(Protocol::Detect, |p| p.protocol)
+    }
+
+    /// `Err(policy)` when an AuthorizationPolicy denies the request.
+    pub fn authorize(&self, input: &AuthzInput<'_>) -> Result<(), String> {
+        authz::authorize(&self.authz, &self.waypoint, input)
     }
 
     pub fn service(&self, service: &str) -> Option<&Service> {
@@ -243,6 +249,28 @@ fn subsets(
         }
     }
     out
+}
+
+fn policy(config: &mut Config, p: &pb::Policy, errors: &mut Vec<ConfigError>) {
+    let name = format!("{}/{}", p.namespace, p.name);
+    let fail = |reason: String| ConfigError::Policy {
+        policy: name.clone(),
+        reason,
+    };
+    match &p.kind {
+        Some(pb::policy::Kind::Authorization(a)) => {
+            let (authz, error) = AuthzPolicy::from_proto(p, a);
+            config.authz.push(authz);
+            if let Some(reason) = error {
+                errors.push(fail(format!("{reason} (enforced failing closed)")));
+            }
+        }
+        // Said rather than silently passing tokens unchecked.
+        Some(pb::policy::Kind::RequestAuthentication(_)) => errors.push(fail(
+            "RequestAuthentication (JWT) is not enforced by this waypoint yet".into(),
+        )),
+        None => errors.push(fail("policy without a kind".into())),
+    }
 }
 
 /// Milliseconds from the wire, 0 meaning "not set".

@@ -23,7 +23,8 @@ use tokio::sync::broadcast;
 
 use crate::backend::{Backends, BoxIo, Downstream};
 use crate::config::{
-    Action, Backend, Config, DirectResponse, Fault, HeaderOps, Protocol, WeightedBackend,
+    Action, AuthzInput, Backend, Config, DirectResponse, Fault, HeaderOps, Protocol,
+    WeightedBackend,
 };
 
 mod body;
@@ -219,6 +220,10 @@ impl Engine {
         rec: &mut Record,
     ) -> Result<Response<RespBody>, Error> {
         let (parts, body) = req.into_parts();
+        authorize(cfg, &parts, ds).map_err(|policy| {
+            rec.error = Some(format!("denied by {policy}"));
+            Error::Denied { policy }
+        })?;
         let svc = cfg.service(&ds.service);
         let route = svc.and_then(|s| route::select(s, &parts, ds.port));
         if let Some(r) = route {
@@ -260,6 +265,25 @@ impl Engine {
             }
         }
     }
+}
+
+fn authorize(cfg: &Config, parts: &http::request::Parts, ds: &Downstream) -> Result<(), String> {
+    if cfg.authz.is_empty() {
+        return Ok(());
+    }
+    let host = route::authority(parts).unwrap_or_default();
+    let principal = ds.identity.as_ref().map(|i| i.principal());
+    cfg.authorize(&AuthzInput {
+        service: &ds.service,
+        principal: principal.as_deref(),
+        namespace: ds.identity.as_ref().map(|i| i.namespace()),
+        source_ip: ds.peer.ip(),
+        host: &host,
+        port: ds.port,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    })
 }
 
 async fn fault(f: &Fault) -> Result<(), Error> {

@@ -33,6 +33,9 @@ pub enum Error {
         status: StatusCode,
         grpc_status: Option<u32>,
     },
+    /// The body Istio's clients and tests look for.
+    #[error("RBAC: access denied")]
+    Denied { policy: String },
     #[error("upstream overflow: {limit} reached")]
     Overflow { limit: &'static str },
     #[error("bad request: {reason}")]
@@ -75,6 +78,7 @@ impl Error {
                 grpc_status.unwrap_or_else(|| grpc_of(*status)),
             ),
             Error::Overflow { .. } => s(StatusCode::SERVICE_UNAVAILABLE, "UO", 8),
+            Error::Denied { .. } => s(StatusCode::FORBIDDEN, "RBAC", 7),
             Error::BadRequest { .. } => s(StatusCode::BAD_REQUEST, "DPE", 13),
             Error::RequestBody { .. } => s(StatusCode::BAD_REQUEST, "DPE", 13),
         }

@@ -411,6 +411,7 @@ fn retriable_error(on: &RetryOn, e: &Error) -> bool {
         | Error::NoRoute { .. }
         | Error::FaultAbort { .. }
         | Error::Overflow { .. }
+        | Error::Denied { .. }
         | Error::BadRequest { .. }
         | Error::RequestBody { .. } => false,
     }

@@ -8,6 +8,7 @@ use mesh_core::proto::mesh::l7::v1 as pb;
 use super::Limits;
 use support::*;
 
+mod authz;
 mod bad_input;
 mod resilience;
 mod support;

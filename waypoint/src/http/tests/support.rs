@@ -261,9 +261,18 @@ impl Waypoint {
     }
 
     pub fn apply(&self, services: Vec<pb::ServiceConfig>) {
-        let (cfg, errors) = Config::from_proto("default/waypoint", &services, &[]);
+        let errors = self.apply_with(services, vec![]);
         assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    pub fn apply_with(
+        &self,
+        services: Vec<pb::ServiceConfig>,
+        policies: Vec<pb::Policy>,
+    ) -> Vec<crate::config::ConfigError> {
+        let (cfg, errors) = Config::from_proto("default/waypoint", &services, &policies);
         self.engine.update(Arc::new(cfg));
+        errors
     }
 
     pub fn metrics(&self) -> String {

@@ -18,7 +18,6 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast;
 
 use crate::backend::{Backends, BoxIo, Downstream};
@@ -26,6 +25,7 @@ use crate::config::{
     Action, AuthzInput, Backend, Config, DirectResponse, Fault, HeaderOps, Protocol,
     WeightedBackend,
 };
+use detect::Inbound;
 
 mod body;
 mod detect;
@@ -117,8 +117,8 @@ impl Engine {
                 let r = self.upstream.passthrough(io, &ds.service, ds.port).await;
                 r.map_err(|e| e.to_string())
             }
-            Protocol::Http1 => self.serve_h1(io, ds.clone()).await,
-            Protocol::Http2 | Protocol::Grpc => self.serve_h2(io, ds.clone()).await,
+            Protocol::Http1 => self.serve_h1(Inbound::new(io), ds.clone()).await,
+            Protocol::Http2 | Protocol::Grpc => self.serve_h2(Inbound::new(io), ds.clone()).await,
             Protocol::Detect => match detect::sniff(io).await {
                 Ok((io, true)) => self.serve_h2(io, ds.clone()).await,
                 Ok((io, false)) => self.serve_h1(io, ds.clone()).await,
@@ -130,13 +130,13 @@ impl Engine {
         }
     }
 
-    async fn serve_h1<I>(self: &Arc<Self>, io: I, ds: Arc<Downstream>) -> Result<(), String>
-    where
-        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    async fn serve_h1(self: &Arc<Self>, io: Inbound, ds: Arc<Downstream>) -> Result<(), String> {
         let engine = self.clone();
         let flag = smuggle::Flag::default();
-        let io = smuggle::Guard::new(io, self.limits.max_header_bytes, flag.clone());
+        let io = io.scanned(smuggle::Scanner::new(
+            self.limits.max_header_bytes,
+            flag.clone(),
+        ));
         let requests = Arc::new(AtomicUsize::new(0));
         let svc = service_fn(move |req| {
             let (engine, ds) = (engine.clone(), ds.clone());
@@ -154,10 +154,7 @@ impl Engine {
             .map_err(|e| e.to_string())
     }
 
-    async fn serve_h2<I>(self: &Arc<Self>, io: I, ds: Arc<Downstream>) -> Result<(), String>
-    where
-        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    async fn serve_h2(self: &Arc<Self>, io: Inbound, ds: Arc<Downstream>) -> Result<(), String> {
         let engine = self.clone();
         let svc = service_fn(move |req| {
             let (engine, ds) = (engine.clone(), ds.clone());

@@ -2,16 +2,11 @@
 //! `Content-Length` and `Transfer-Encoding` as chunked and drops `Content-Length` before
 //! the engine sees it; we want such a request refused with 400, as the RFC recommends.
 //! So this wrapper follows the byte stream's message framing (heads, fixed and chunked
-//! bodies) and notes the index of the first request with both headers. It only reads;
-//! hyper still parses everything.
+//! bodies) and notes the index of the first request with both headers. It only reads
+//! copies of what `detect::Inbound` hands hyper; hyper still parses everything.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// 1-based index of the first conflicting request on the connection; 0 = none yet.
 #[derive(Clone, Default)]
@@ -34,18 +29,17 @@ enum State {
     Done,
 }
 
-pub struct Guard<I> {
-    io: I,
+/// Follows one connection's request framing; fed every byte read from the client.
+pub struct Scanner {
     state: State,
     heads: usize,
     max_head: usize,
     flag: Flag,
 }
 
-impl<I> Guard<I> {
-    pub fn new(io: I, max_head: usize, flag: Flag) -> Self {
-        Guard {
-            io,
+impl Scanner {
+    pub fn new(max_head: usize, flag: Flag) -> Self {
+        Scanner {
             state: State::Head(Vec::new()),
             heads: 0,
             max_head,
@@ -53,7 +47,7 @@ impl<I> Guard<I> {
         }
     }
 
-    fn scan(&mut self, mut bytes: &[u8]) {
+    pub fn scan(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let (used, next) = self.step(bytes);
             bytes = &bytes[used..];
@@ -169,37 +163,4 @@ fn take_until(bytes: &[u8], buf: &mut Vec<u8>, delim: &[u8]) -> (usize, bool) {
         }
     }
     (bytes.len(), false)
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Guard<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = out.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, out);
-        if let Poll::Ready(Ok(())) = polled {
-            self.scan(&out.filled()[before..]);
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Guard<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }

@@ -171,22 +171,7 @@ impl Service {
             errors.push(fail("namespace and hostname are required".into()));
             return None;
         }
-        let mut ports = BTreeMap::new();
-        for p in &svc.ports {
-            match (u16::try_from(p.port), u16::try_from(p.target_port)) {
-                (Ok(port), Ok(target_port)) if port != 0 => {
-                    let protocol = Protocol::from_proto(p.protocol);
-                    ports.insert(
-                        port,
-                        Port {
-                            target_port,
-                            protocol,
-                        },
-                    );
-                }
-                _ => errors.push(fail(format!("invalid port {}->{}", p.port, p.target_port))),
-            }
-        }
+        let ports = ports(svc, &fail, errors);
         let traffic_policy = match TrafficPolicy::from_proto(svc.traffic_policy.as_ref(), None) {
             Ok(tp) => tp,
             Err(reason) => {
@@ -220,6 +205,30 @@ impl Service {
             subsets,
         })
     }
+}
+
+fn ports(
+    svc: &pb::ServiceConfig,
+    fail: &dyn Fn(String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<u16, Port> {
+    let mut ports = BTreeMap::new();
+    for p in &svc.ports {
+        match (u16::try_from(p.port), u16::try_from(p.target_port)) {
+            (Ok(port), Ok(target_port)) if port != 0 => {
+                let protocol = Protocol::from_proto(p.protocol);
+                ports.insert(
+                    port,
+                    Port {
+                        target_port,
+                        protocol,
+                    },
+                );
+            }
+            _ => errors.push(fail(format!("invalid port {}->{}", p.port, p.target_port))),
+        }
+    }
+    ports
 }
 
 fn subsets(

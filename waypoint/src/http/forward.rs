@@ -61,15 +61,7 @@ impl Engine {
         let mut req = req;
         let upgrade = upgrade_of(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
         let (mut parts, body) = req.into_parts();
-        route::strip_hop_by_hop(&mut parts.headers);
-        if let Some(r) = route {
-            r.request_headers.apply(&mut parts.headers);
-            if let Some(rw) = &r.rewrite {
-                route::rewrite(rw, r, &mut parts);
-            }
-        }
-        wb.request_headers.apply(&mut parts.headers);
-        rec.trace_id = route::traceparent(&mut parts.headers);
+        rec.trace_id = edit_request(route, wb, &mut parts);
         if let Some((proto, downstream)) = upgrade {
             parts.headers.insert(
                 http::header::CONNECTION,
@@ -107,10 +99,10 @@ impl Engine {
         };
         let (mut head, body) = resp.into_parts();
         route::strip_hop_by_hop(&mut head.headers);
-        if let Some(r) = route {
-            r.response_headers.apply(&mut head.headers);
+        let route_ops = route.map(|r| &r.response_headers);
+        for ops in route_ops.into_iter().chain([&wb.response_headers]) {
+            ops.apply(&mut head.headers);
         }
-        wb.response_headers.apply(&mut head.headers);
         Ok(Response::from_parts(head, body))
     }
 
@@ -273,6 +265,19 @@ impl Engine {
             }
         });
     }
+}
+
+/// Route, then backend header changes and the rewrite; returns the trace id.
+fn edit_request(route: Option<&Route>, wb: &WeightedBackend, parts: &mut Parts) -> String {
+    route::strip_hop_by_hop(&mut parts.headers);
+    if let Some(r) = route {
+        r.request_headers.apply(&mut parts.headers);
+        if let Some(rw) = &r.rewrite {
+            route::rewrite(rw, r, parts);
+        }
+    }
+    wb.request_headers.apply(&mut parts.headers);
+    route::traceparent(&mut parts.headers)
 }
 
 fn resolve<'a>(

@@ -327,3 +327,23 @@ async fn http1_upgrade_is_spliced_after_101() {
     assert_eq!(&back, b"ping over the tunnel");
     assert_eq!(reviews[0].count(), 1);
 }
+
+#[tokio::test]
+async fn tcp_ports_are_passed_through_to_an_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backends = Arc::new(TestBackends::default());
+    let (echo, _task) = mesh_core::testing::echo_server("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    backends.add(&svc_key("reviews"), PORT, "echo", echo, &[]);
+    let wp = Waypoint::start(backends, &svc_key("reviews"), Limits::default()).await;
+    let mut svc = service("reviews", vec![]);
+    svc.ports[0].protocol = pb::Protocol::Tcp as i32;
+    wp.apply(vec![svc]);
+    let mut tcp = tokio::net::TcpStream::connect(wp.addr).await.unwrap();
+    // Not HTTP: bytes arrive unchanged and come back.
+    tcp.write_all(b"\x00\x01 opaque bytes").await.unwrap();
+    let mut back = [0u8; 15];
+    tcp.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"\x00\x01 opaque bytes");
+}

@@ -19,6 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
+use tokio::time::timeout;
 
 use crate::backend::{Backends, BoxIo, Downstream};
 use crate::config::{
@@ -119,11 +120,15 @@ impl Engine {
             }
             Protocol::Http1 => self.serve_h1(Inbound::new(io), ds.clone()).await,
             Protocol::Http2 | Protocol::Grpc => self.serve_h2(Inbound::new(io), ds.clone()).await,
-            Protocol::Detect => match detect::sniff(io).await {
-                Ok((io, true)) => self.serve_h2(io, ds.clone()).await,
-                Ok((io, false)) => self.serve_h1(io, ds.clone()).await,
-                Err(e) => Err(e.to_string()),
-            },
+            // A client that never sends its first bytes is cut off like a slow HTTP/1.1 one.
+            Protocol::Detect => {
+                match timeout(self.limits.header_read_timeout, detect::sniff(io)).await {
+                    Ok(Ok((io, true))) => self.serve_h2(io, ds.clone()).await,
+                    Ok(Ok((io, false))) => self.serve_h1(io, ds.clone()).await,
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no request within the header read timeout".into()),
+                }
+            }
         };
         if let Err(error) = result {
             tracing::debug!(%error, peer = %ds.peer, service = %ds.service, "tunnel ended with an error");

@@ -122,3 +122,20 @@ POST /three HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\nContent-Length:
         .collect();
     assert_eq!(paths, ["/one", "/two"]);
 }
+
+#[tokio::test]
+async fn silent_client_is_closed_after_the_header_timeout() {
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (wp, _s) = start(limits).await;
+    let mut tcp = TcpStream::connect(wp.addr).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "the waypoint closes a connection that sends nothing"
+    );
+    assert_eq!(get(wp.addr, "/", &[]).await.status, 200);
+}

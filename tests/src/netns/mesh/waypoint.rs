@@ -88,18 +88,16 @@ impl NetnsMesh {
     /// Starts waypoint `name` in its pod and waits until it answers `/healthz/ready`.
     pub(super) fn start_waypoint(&self, name: &str) -> anyhow::Result<ChildGuard> {
         let pod = self.topo.pod(name);
-        let xds = SocketAddr::new(IpAddr::V4(self.topo.fabric.ip), XDS_PORT).to_string();
+        let xds = format!("http://{}:{XDS_PORT}", self.topo.fabric.ip);
         let args = [
+            "--name",
+            &format!("{}/{name}", pod.spec.namespace),
+            "--service-account",
+            &pod.spec.service_account,
             "--xds-address",
             &xds,
             "--token-file",
             &token_path(&self.dir, name).display().to_string(),
-            "--namespace",
-            &pod.spec.namespace,
-            "--service-account",
-            &pod.spec.service_account,
-            "--gateway",
-            name,
             "--listen-ip",
             &pod.ip.to_string(),
         ];

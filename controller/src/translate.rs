@@ -589,6 +589,16 @@ pub fn object_key(obj: &crate::objects::CustomObject) -> Key {
     (ns.to_owned(), obj.metadata.name.clone().unwrap_or_default())
 }
 
+/// A Service port's target port; 0 for a named one, which differs per pod (each
+/// workload's entry carries it).
+pub fn target_port(p: &k8s_openapi::api::core::v1::ServicePort) -> u32 {
+    match &p.target_port {
+        None => p.port as u32,
+        Some(IntOrString::Int(t)) => *t as u32,
+        Some(IntOrString::String(_)) => 0,
+    }
+}
+
 pub fn hostname(name: &str, ns: &str) -> String {
     format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}")
 }
@@ -619,12 +629,7 @@ fn service(svc: &Service) -> Option<XdsService> {
         .flatten()
         .map(|p| Port {
             service_port: p.port as u32,
-            // A named target port differs per pod; each workload's entry carries it.
-            target_port: match &p.target_port {
-                None => p.port as u32,
-                Some(IntOrString::Int(t)) => *t as u32,
-                Some(IntOrString::String(_)) => 0,
-            },
+            target_port: target_port(p),
         })
         .collect();
     Some(XdsService {

@@ -136,19 +136,13 @@ pub fn service_id(key: &Key) -> String {
 
 /// The service's ports and how each is spoken.
 fn ports(svc: &Service) -> Vec<PortConfig> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
     ports
         .into_iter()
         .flatten()
         .map(|p| PortConfig {
             port: p.port as u32,
-            target_port: match &p.target_port {
-                None => p.port as u32,
-                Some(IntOrString::Int(t)) => *t as u32,
-                // Differs per pod; the workload's entry in the Address resources has it.
-                Some(IntOrString::String(_)) => 0,
-            },
+            target_port: super::target_port(p),
             protocol: protocol(p.app_protocol.as_deref(), p.name.as_deref()) as i32,
         })
         .collect()

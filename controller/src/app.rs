@@ -3,6 +3,7 @@
 //! metrics, and follows the source. `main` parses flags
 //! and calls [`build`]; tests call it with port 0.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,16 +15,19 @@ use mesh_core::admin::{self, Routes};
 use mesh_core::drain::{self, Drain, DrainTrigger};
 use mesh_core::proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use mesh_core::Identity;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::ca::{Authenticator, CaMetrics, CaService, Placement, TokenFile, TokenReviewer};
 use crate::castore::{self, CaOrigin};
 use crate::kube_source::{self, SourceMetrics, Update};
-use crate::objects::{DirSource, Objects};
+use crate::objects::{DirSource, ObjectError, Objects};
 use crate::serving::{self, ServingCert, ServingMetrics};
 use crate::translate::{self, AddressCache};
-use crate::xds::{AdsService, Served, Snapshot, XdsMetrics, XdsServer};
+use crate::xds::{AdsService, Resources, Served, Snapshot, XdsMetrics, XdsServer};
 use mesh_core::proto::type_url;
 use mesh_core::tls::CertificateAuthority;
 use tokio::sync::mpsc;
@@ -109,19 +113,26 @@ pub struct LiveObjects {
     xds: watch::Sender<Arc<Snapshot>>,
     /// The Address resources of the last model, for translating the next one.
     addresses: Mutex<AddressCache<Served>>,
+    metrics: TranslateMetrics,
 }
 
 impl LiveObjects {
-    fn new(model: Objects) -> Self {
+    fn new(model: Objects, metrics: TranslateMetrics) -> Self {
         let model = Arc::new(model);
         let mut addresses = AddressCache::default();
-        let snap = snapshot(&mut addresses, &model, Instant::now());
+        let snap = snapshot(&mut addresses, &model, Instant::now(), &metrics);
         let (xds, _) = watch::channel(Arc::new(snap));
         LiveObjects {
             model: ArcSwap::new(model),
             xds,
             addresses: Mutex::new(addresses),
+            metrics,
         }
+    }
+
+    /// What translation leaves out of the current model.
+    pub fn metrics(&self) -> &TranslateMetrics {
+        &self.metrics
     }
 
     pub fn load(&self) -> Arc<Objects> {
@@ -133,7 +144,7 @@ impl LiveObjects {
         let model = Arc::new(model);
         let snap = {
             let mut addresses = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
-            snapshot(&mut addresses, &model, changed)
+            snapshot(&mut addresses, &model, changed, &self.metrics)
         };
         self.model.store(model);
         self.xds.send_replace(Arc::new(snap));
@@ -145,23 +156,87 @@ fn snapshot(
     addresses: &mut AddressCache<Served>,
     model: &Arc<Objects>,
     changed: Instant,
+    metrics: &TranslateMetrics,
 ) -> Snapshot {
     let addresses = addresses.addresses(model, |a| Served::new(type_url::ADDRESS, a));
-    let (auths, errors) = translate::authorizations(model);
+    let (auths, mut errors) = translate::authorizations(model);
+    errors.extend(translate::waypoint::Waypoints::new(model).1);
+    let l7 = translate::l7::resources(model);
+    errors.extend(l7.errors);
     for e in &errors {
-        warn!("policy skipped: {e}");
+        warn!("left out of the proxies' config: {e}");
     }
-    let auths = auths
-        .into_iter()
-        .map(|(name, a)| (name, Served::new(type_url::AUTHORIZATION, &a)))
-        .collect();
+    metrics.record(&errors);
     Snapshot::new(
         [
             (type_url::ADDRESS.to_owned(), addresses),
-            (type_url::AUTHORIZATION.to_owned(), auths),
+            (
+                type_url::AUTHORIZATION.to_owned(),
+                served(type_url::AUTHORIZATION, auths),
+            ),
+            (
+                type_url::L7_SERVICE.to_owned(),
+                served(type_url::L7_SERVICE, l7.services),
+            ),
+            (
+                type_url::L7_POLICY.to_owned(),
+                served(type_url::L7_POLICY, l7.policies),
+            ),
         ],
         changed,
     )
+}
+
+fn served<M: prost::Message>(type_url: &str, resources: BTreeMap<String, M>) -> Resources {
+    resources
+        .into_iter()
+        .map(|(name, r)| (name, Served::new(type_url, &r)))
+        .collect()
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// Objects the current model holds that translation left out, by kind: a gauge, since
+/// every model is translated whole.
+#[derive(Clone, Default)]
+pub struct TranslateMetrics {
+    untranslated: Family<KindLabel, Gauge>,
+}
+
+impl TranslateMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = TranslateMetrics::default();
+        registry.register(
+            "mesh_config_objects_untranslated",
+            "Objects of the current model left out of the proxies' config (invalid or unusable), by kind",
+            m.untranslated.clone(),
+        );
+        m
+    }
+
+    fn record(&self, errors: &[ObjectError]) {
+        self.untranslated.clear();
+        for e in errors {
+            let kind = e.object.split_once(' ').map_or("?", |(k, _)| k);
+            self.untranslated
+                .get_or_create(&KindLabel {
+                    kind: kind.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Objects of `kind` currently left out.
+    pub fn untranslated(&self, kind: &str) -> i64 {
+        self.untranslated
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .get()
+    }
 }
 
 impl Placement for LiveObjects {
@@ -250,7 +325,8 @@ pub async fn build(cfg: Config) -> anyhow::Result<App> {
         updates,
         dir,
     } = open(&cfg, &mut registry).await?;
-    let objects = Arc::new(LiveObjects::new(model));
+    let translate_metrics = TranslateMetrics::new(&mut registry);
+    let objects = Arc::new(LiveObjects::new(model, translate_metrics));
     let ca_metrics = CaMetrics::new(&mut registry);
     let xds = XdsServer::new(objects.xds.subscribe(), XdsMetrics::new(&mut registry));
     let syncz = xds.status();

@@ -90,6 +90,7 @@ impl Kind {
 pub fn kinds() -> Vec<Kind> {
     const ISTIO: &str = "security.istio.io";
     const GATEWAY: &str = "gateway.networking.k8s.io";
+    const NETWORKING: &str = "networking.istio.io";
     vec![
         Kind::typed::<Namespace>(false),
         Kind::typed::<Pod>(true),
@@ -98,8 +99,12 @@ pub fn kinds() -> Vec<Kind> {
         Kind::typed::<EndpointSlice>(true),
         Kind::custom(ISTIO, "AuthorizationPolicy", "authorizationpolicies"),
         Kind::custom(ISTIO, "PeerAuthentication", "peerauthentications"),
+        Kind::custom(ISTIO, "RequestAuthentication", "requestauthentications"),
         Kind::custom(GATEWAY, "Gateway", "gateways"),
         Kind::custom(GATEWAY, "HTTPRoute", "httproutes"),
+        Kind::custom(GATEWAY, "GRPCRoute", "grpcroutes"),
+        Kind::custom(NETWORKING, "VirtualService", "virtualservices"),
+        Kind::custom(NETWORKING, "DestinationRule", "destinationrules"),
     ]
 }
 

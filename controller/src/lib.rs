@@ -1,10 +1,11 @@
 //! controller: the mesh's control plane. It turns what users apply into workload
 //! identities and config and serves both to every proxy.
 //!
-//! Built so far: the object model and directory source (`objects`), translation into
-//! Address resources (`translate`), the certificate authority's gRPC service (`ca`), where
-//! its root comes from (`castore`) and the local-mode wiring (`app`). Still to come: the
-//! Kubernetes source, Authorization translation, the delta ADS server.
+//! The object model and its sources (`objects`, `kube_source`), translation into Address,
+//! Authorization and the waypoints' L7 resources (`translate`), the certificate
+//! authority's gRPC service (`ca`), where its root comes from (`castore`), the delta ADS
+//! server (`xds`) and the wiring (`app`). Still to come: the waypoint deployer and Gateway
+//! status in Kubernetes mode.
 //! It must not carry traffic: proxies depend on `mesh-core`, never on this crate.
 
 pub mod app;

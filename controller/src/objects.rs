@@ -48,16 +48,20 @@ pub struct Objects {
     pub services: BTreeMap<Key, Service>,
     pub service_accounts: BTreeMap<Key, ServiceAccount>,
     pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
-    /// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute, by kind.
+    /// Istio's and the Gateway API's kinds ([`CUSTOM_KINDS`]), by kind.
     pub custom: BTreeMap<&'static str, BTreeMap<Key, CustomObject>>,
 }
 
 /// Kinds kept as [`CustomObject`]s, with the API groups they may come from.
-const CUSTOM_KINDS: [(&str, &str); 4] = [
+const CUSTOM_KINDS: [(&str, &str); 8] = [
     ("AuthorizationPolicy", "security.istio.io/"),
     ("PeerAuthentication", "security.istio.io/"),
+    ("RequestAuthentication", "security.istio.io/"),
     ("Gateway", "gateway.networking.k8s.io/"),
     ("HTTPRoute", "gateway.networking.k8s.io/"),
+    ("GRPCRoute", "gateway.networking.k8s.io/"),
+    ("VirtualService", "networking.istio.io/"),
+    ("DestinationRule", "networking.istio.io/"),
 ];
 
 /// Why an object was left out.

@@ -1,6 +1,8 @@
 //! Translation of the object model into the resources proxies receive over xDS:
-//! `istio.workload.Address` (one Workload per pod, one Service per Kubernetes Service) and
-//! `istio.security.Authorization` (from AuthorizationPolicy and PeerAuthentication).
+//! `istio.workload.Address` (one Workload per pod, one Service per Kubernetes Service, each
+//! with its waypoint, `waypoint`), `istio.security.Authorization` (from
+//! AuthorizationPolicy and PeerAuthentication) and the waypoints' own `mesh.l7.v1` types
+//! (`l7`).
 //!
 //! A pod backs the Services that select it, and the Services without a selector whose
 //! EndpointSlices list its IP; slice addresses that match no pod are logged and left out
@@ -26,9 +28,12 @@ use tracing::info;
 use crate::objects::{Key, ObjectError, Objects};
 
 pub mod authz;
+pub mod l7;
 pub mod peerauth;
+pub mod waypoint;
 
 use peerauth::PeerAuths;
+use waypoint::Waypoints;
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The cluster id and DNS domain of local mode (and of a single-cluster install).
@@ -49,10 +54,20 @@ pub fn addresses(objects: &Objects) -> BTreeMap<String, Address> {
 
 /// The Address of each Service, by xDS name.
 fn service_addresses(objects: &Objects) -> impl Iterator<Item = (String, Address)> + '_ {
-    objects.services.values().filter_map(service).map(|s| {
-        let name = format!("{}/{}", s.namespace, s.hostname);
-        (name, wrap(address::Type::Service(s)))
-    })
+    let waypoints = Waypoints::new(objects).0;
+    let waypoint = move |svc: &Service| waypoints.for_service(objects, svc).map(|w| w.address());
+    objects
+        .services
+        .values()
+        .filter_map(move |svc| {
+            let mut s = service(svc)?;
+            s.waypoint = waypoint(svc);
+            Some(s)
+        })
+        .map(|s| {
+            let name = format!("{}/{}", s.namespace, s.hostname);
+            (name, wrap(address::Type::Service(s)))
+        })
 }
 
 /// A pod's Workload, named by its uid; `sliced`: the Services that list it in their
@@ -179,6 +194,7 @@ struct Policies<'a> {
     authz: Vec<SelectorPolicy>,
     peer: PeerAuths,
     services: ServiceIndex<'a>,
+    waypoints: Waypoints,
 }
 
 impl<'a> Policies<'a> {
@@ -187,6 +203,7 @@ impl<'a> Policies<'a> {
             authz: selector_policies(objects),
             peer: PeerAuths::new(objects).0,
             services: ServiceIndex::new(objects),
+            waypoints: Waypoints::new(objects).0,
         }
     }
 }
@@ -375,6 +392,10 @@ fn workload(objects: &Objects, pod: &Pod, policies: &Policies<'_>) -> Workload {
         workload_type: workload_type as i32,
         workload_name,
         services: backed_services(&policies.services, pod, &ns),
+        waypoint: policies
+            .waypoints
+            .for_pod(objects, pod)
+            .map(|w| w.address()),
         authorization_policies,
         // A pod said not to be Ready gets no new traffic; local-mode manifests rarely
         // carry conditions, so their absence counts as healthy.
@@ -562,7 +583,23 @@ fn named_port(pod: &Pod, name: &str) -> Option<u32> {
         .map(|p| p.container_port as u32)
 }
 
-fn hostname(name: &str, ns: &str) -> String {
+/// namespace/name of a custom object (namespace `default` when unset).
+pub fn object_key(obj: &crate::objects::CustomObject) -> Key {
+    let ns = obj.metadata.namespace.as_deref().unwrap_or("default");
+    (ns.to_owned(), obj.metadata.name.clone().unwrap_or_default())
+}
+
+/// A Service port's target port; 0 for a named one, which differs per pod (each
+/// workload's entry carries it).
+pub fn target_port(p: &k8s_openapi::api::core::v1::ServicePort) -> u32 {
+    match &p.target_port {
+        None => p.port as u32,
+        Some(IntOrString::Int(t)) => *t as u32,
+        Some(IntOrString::String(_)) => 0,
+    }
+}
+
+pub fn hostname(name: &str, ns: &str) -> String {
     format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}")
 }
 
@@ -592,12 +629,7 @@ fn service(svc: &Service) -> Option<XdsService> {
         .flatten()
         .map(|p| Port {
             service_port: p.port as u32,
-            // A named target port differs per pod; each workload's entry carries it.
-            target_port: match &p.target_port {
-                None => p.port as u32,
-                Some(IntOrString::Int(t)) => *t as u32,
-                Some(IntOrString::String(_)) => 0,
-            },
+            target_port: target_port(p),
         })
         .collect();
     Some(XdsService {

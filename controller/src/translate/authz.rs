@@ -245,7 +245,8 @@ fn cidrs<'a>(blocks: impl IntoIterator<Item = &'a String>) -> Result<Vec<Address
         .collect()
 }
 
-fn ports(values: &[Scalar]) -> Result<Vec<u32>, String> {
+/// Port numbers as policies write them (strings or numbers).
+pub fn ports(values: &[Scalar]) -> Result<Vec<u32>, String> {
     values
         .iter()
         .map(|v| {

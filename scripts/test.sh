@@ -22,6 +22,7 @@ step "benchmark (short run; asserts nothing about speed)"
 cargo run --release -q -p mesh-tests --bin mesh-bench -- l4 --quick
 cargo run --release -q -p mesh-tests --bin mesh-bench -- controlplane --quick
 cargo run --release -q -p mesh-tests --bin mesh-bench -- netns --quick
+cargo run --release -q -p mesh-tests --bin mesh-bench -- l7 --quick
 step "demo (as root: network namespaces, transparent capture)"
 cargo run --release -q -p meshctl -- demo --check
 step "demo on loopback (what runs without root)"

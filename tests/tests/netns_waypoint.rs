@@ -114,7 +114,7 @@ fn netns_waypoint_carries_labelled_service_traffic_only() {
     let waypoint_id = pod_identity(mesh.pod("waypoint"));
     mesh.expect_record(
         "node2",
-        |r| r["src.identity"].as_str() == Some(waypoint_id.as_str()),
+        |r| r["src_identity"].as_str() == Some(waypoint_id.as_str()),
         Duration::from_secs(5),
     );
     // A service without the label goes straight to the pods.

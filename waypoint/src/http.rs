@@ -234,10 +234,10 @@ impl Engine {
                 fault(f).await?;
             }
         }
-        match route.map(|r| &r.action) {
-            Some(Action::Redirect(rd)) => Ok(route::redirect(rd, &parts)),
-            Some(Action::DirectResponse(d)) => Ok(direct(d)),
-            Some(Action::Forward(backends)) => {
+        match route.map(|r| (r, &r.action)) {
+            Some((r, Action::Redirect(rd))) => Ok(route::redirect(rd, r, &parts)),
+            Some((_, Action::DirectResponse(d))) => Ok(direct(d)),
+            Some((_, Action::Forward(backends))) => {
                 let wb = route::weighted(backends).ok_or_else(|| Error::NoRoute {
                     service: ds.service.clone(),
                 })?;

@@ -96,11 +96,11 @@ fn measure_all(args: &L7Args) -> anyhow::Result<()> {
     ]);
     let server = topo.pod("server");
     let rt = server.runtime(1);
+    // Spawned, not run by block_on: the runtime's workers are the threads in the pod.
+    let addr = SocketAddr::new(IpAddr::V4(server.ip), SERVER_PORT);
     let http = rt
-        .block_on(HttpServer::start(SocketAddr::new(
-            IpAddr::V4(server.ip),
-            SERVER_PORT,
-        )))
+        .block_on(rt.spawn(HttpServer::start(addr)))
+        .context("server task")?
         .context("starting the HTTP server")?;
     let cpu = CpuDmaLatency::unless(args.no_poll);
     let mode = cpu.mode();

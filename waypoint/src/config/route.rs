@@ -85,6 +85,8 @@ pub struct Redirect {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub path: Option<String>,
+    /// Replaces the part of the path the route's prefix match matched.
+    pub path_prefix: Option<String>,
     #[serde(serialize_with = "ser_display")]
     pub status: StatusCode,
 }
@@ -351,6 +353,7 @@ fn redirect(r: &pb::Redirect) -> Result<Redirect, Invalid> {
         host: some(&r.host),
         port,
         path: some(&r.path),
+        path_prefix: some(&r.path_prefix),
         status,
     })
 }

@@ -85,11 +85,7 @@ pub fn rewrite(rw: &Rewrite, route: &Route, parts: &mut Parts) {
     let new_path = if let Some(full_path) = &rw.full_path {
         Some(full_path.clone())
     } else if let Some(prefix) = &rw.path_prefix {
-        let matched = route.matches.iter().find_map(|m| match &m.path {
-            Some(StringMatch::Prefix(p)) if path.starts_with(p.as_str()) => Some(p.len()),
-            _ => None,
-        });
-        matched.map(|n| join_prefix(prefix, &path[n..]))
+        replace_prefix(route, path, prefix)
     } else {
         None
     };
@@ -107,6 +103,16 @@ pub fn rewrite(rw: &Rewrite, route: &Route, parts: &mut Parts) {
             set_authority(parts, v);
         }
     }
+}
+
+/// `path` with the part `route`'s prefix match matched replaced by `prefix`; `None` when
+/// no prefix match of the route matched it.
+fn replace_prefix(route: &Route, path: &str, prefix: &str) -> Option<String> {
+    let matched = route.matches.iter().find_map(|m| match &m.path {
+        Some(StringMatch::Prefix(p)) if path.starts_with(p.as_str()) => Some(p.len()),
+        _ => None,
+    });
+    matched.map(|n| join_prefix(prefix, &path[n..]))
 }
 
 /// `/v1` + `/x` and `/v1/` + `/x` both give `/v1/x`; an empty rest keeps the prefix.
@@ -137,7 +143,7 @@ pub fn set_authority(parts: &mut Parts, value: HeaderValue) {
     parts.headers.insert(header::HOST, value);
 }
 
-pub fn redirect(rd: &Redirect, parts: &Parts) -> Response<RespBody> {
+pub fn redirect(rd: &Redirect, route: &Route, parts: &Parts) -> Response<RespBody> {
     let own = authority(parts).unwrap_or_default();
     let (own_host, own_port) = match own.rsplit_once(':') {
         Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_owned(), Some(p.to_owned())),
@@ -146,10 +152,11 @@ pub fn redirect(rd: &Redirect, parts: &Parts) -> Response<RespBody> {
     let scheme = rd.scheme.as_deref().unwrap_or("http");
     let host = rd.host.clone().unwrap_or(own_host);
     let port = rd.port.map(|p| p.to_string()).or(own_port);
-    let path = rd
-        .path
-        .clone()
-        .unwrap_or_else(|| parts.uri.path().to_owned());
+    let own_path = parts.uri.path();
+    let prefixed = (rd.path_prefix.as_deref()).and_then(|p| replace_prefix(route, own_path, p));
+    let path = (rd.path.clone())
+        .or(prefixed)
+        .unwrap_or_else(|| own_path.to_owned());
     let query = parts
         .uri
         .query()

@@ -1,5 +1,5 @@
 //! What the waypoint reports about each request: Istio's L7 metrics (reporter
-//! "waypoint") and one JSON access-log line on the tracing target `access`, both built
+//! "waypoint") and one JSON access-log line on stdout, both built
 //! from one [`Record`] so they never disagree.
 
 use std::net::SocketAddr;
@@ -198,8 +198,11 @@ impl Telemetry {
         self.response_bytes
             .get_or_create(&l)
             .observe(r.response_bytes as f64);
-        if let Ok(line) = serde_json::to_string(&r) {
-            tracing::info!(target: "access", "{line}");
+        // One JSON line per request on stdout, as the ztunnel logs connections: the
+        // access log a collector reads, apart from the process's own log on stderr.
+        if let Ok(mut line) = serde_json::to_vec(&r) {
+            line.push(b'\n');
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &line);
         }
         let _ = self.log.send(Arc::new(r));
     }

@@ -148,10 +148,29 @@ async fn redirect_and_direct_response() {
         })),
         ..Default::default()
     };
-    wp.apply(vec![service("reviews", vec![redirect, direct])]);
+    // Gateway API ReplacePrefixMatch: only the matched prefix changes.
+    let mut prefix = pb::Route {
+        name: "prefix-redirect".into(),
+        action: Some(pb::route::Action::Redirect(pb::Redirect {
+            path_prefix: "/v2/".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    prefix.matches = vec![pb::RouteMatch {
+        path: Some(pb::StringMatch {
+            kind: Some(pb::string_match::Kind::Prefix("/v1/".into())),
+        }),
+        ..Default::default()
+    }];
+    wp.apply(vec![service("reviews", vec![redirect, prefix, direct])]);
     let r = get(wp.addr, "/old?x=1", &[]).await;
     assert_eq!(r.status, 302);
     assert_eq!(r.headers["location"], "https://new.example/moved?x=1");
+    let r = get(wp.addr, "/v1/items/7", &[]).await;
+    assert_eq!(r.status, 301);
+    let location = r.headers["location"].to_str().expect("ascii location");
+    assert!(location.ends_with("/v2/items/7"), "{location}");
     let r = get(wp.addr, "/teapot", &[]).await;
     assert_eq!(
         (r.status.as_u16(), r.body.as_str()),

@@ -361,7 +361,7 @@ fn workload(objects: &Objects, pod: &Pod, policies: &Policies<'_>) -> Workload {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
     Workload {
-        uid: format!("{CLUSTER_ID}//Pod/{ns}/{name}"),
+        uid: pod_uid(&ns, &name),
         addresses: ips.iter().filter_map(|ip| ip_bytes(ip)).collect(),
         tunnel_protocol: if enrolled(objects, pod) {
             TunnelProtocol::Hbone
@@ -429,7 +429,12 @@ fn owner(pod: &Pod, pod_name: &str) -> (WorkloadType, String) {
     (WorkloadType::Pod, pod_name.to_owned())
 }
 
-fn selects(svc: &Service, pod_labels: &BTreeMap<String, String>) -> bool {
+/// The Workload uid of pod `ns/name`.
+pub fn pod_uid(ns: &str, name: &str) -> String {
+    format!("{CLUSTER_ID}//Pod/{ns}/{name}")
+}
+
+pub fn selects(svc: &Service, pod_labels: &BTreeMap<String, String>) -> bool {
     let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
     match selector {
         Some(sel) if !sel.is_empty() => sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),

@@ -6,11 +6,13 @@
 //! It must not do I/O or hold runtime state (pools, counters): the engine owns those, and a
 //! `Config` is an immutable snapshot swapped whole on each update.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use mesh_core::proto::mesh::l7::v1 as pb;
 use serde::Serialize;
+
+use crate::backend::Endpoint;
 
 mod authz;
 mod route;
@@ -87,7 +89,21 @@ pub struct Service {
 #[derive(Debug, Clone, Serialize)]
 pub struct Subset {
     pub labels: BTreeMap<String, String>,
+    /// Workload uids the controller resolved the labels to (endpoints from xDS carry
+    /// no labels); empty: match `labels` against the endpoint's own.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub endpoints: BTreeSet<String>,
     pub traffic_policy: TrafficPolicy,
+}
+
+impl Subset {
+    pub fn contains(&self, ep: &Endpoint) -> bool {
+        if self.endpoints.is_empty() {
+            (self.labels.iter()).all(|(k, v)| ep.labels.get(k) == Some(v))
+        } else {
+            self.endpoints.contains(&ep.uid)
+        }
+    }
 }
 
 /// One immutable snapshot of the waypoint's L7 config.
@@ -245,14 +261,12 @@ fn subsets(
         }
         match TrafficPolicy::from_proto(s.traffic_policy.as_ref(), Some(base)) {
             Ok(traffic_policy) => {
-                let labels = s.labels.clone();
-                out.insert(
-                    s.name.clone(),
-                    Subset {
-                        labels,
-                        traffic_policy,
-                    },
-                );
+                let subset = Subset {
+                    labels: s.labels.clone(),
+                    endpoints: s.endpoints.iter().cloned().collect(),
+                    traffic_policy,
+                };
+                out.insert(s.name.clone(), subset);
             }
             Err(reason) => errors.push(fail(format!("subset {}: {reason}", s.name))),
         }

@@ -21,7 +21,7 @@ use mesh_core::proto::mesh::l7::v1::{
 };
 
 use super::waypoint::Waypoints;
-use super::{hostname, object_key, CLUSTER_DOMAIN};
+use super::{hostname, object_key, pod_uid, selects, CLUSTER_DOMAIN};
 use crate::objects::{CustomObject, Key, ObjectError, Objects};
 
 pub mod gateway_api;
@@ -96,10 +96,13 @@ fn service_config(
     upstream: Option<(TrafficPolicy, Vec<Subset>)>,
 ) -> Option<(String, ServiceConfig)> {
     let svc = objects.services.get(key)?;
-    let (traffic_policy, subsets) = match upstream {
+    let (traffic_policy, mut subsets) = match upstream {
         Some((policy, subsets)) => (Some(policy), subsets),
         None => (None, Vec::new()),
     };
+    for subset in &mut subsets {
+        subset.endpoints = subset_endpoints(objects, key, svc, &subset.labels);
+    }
     let config = ServiceConfig {
         namespace: key.0.clone(),
         hostname: hostname(&key.1, &key.0),
@@ -110,6 +113,23 @@ fn service_config(
         subsets,
     };
     Some((service_id(key), config))
+}
+
+/// Workload uids of the pods Service `key` selects whose labels also match `labels`.
+fn subset_endpoints(
+    objects: &Objects,
+    key: &Key,
+    svc: &Service,
+    labels: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let in_subset = |pod_labels: &BTreeMap<String, String>| {
+        selects(svc, pod_labels) && labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    (objects.pods.iter())
+        .filter(|((ns, _), _)| *ns == key.0)
+        .filter(|(_, pod)| pod.metadata.labels.as_ref().is_some_and(in_subset))
+        .map(|((ns, name), _)| pod_uid(ns, name))
+        .collect()
 }
 
 /// The services a route sends to (forwarded or mirrored), by namespace/name.

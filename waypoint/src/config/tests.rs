@@ -161,6 +161,7 @@ fn subset_policy_overrides_the_service_policy_field_by_field() {
             }),
             ..Default::default()
         }),
+        endpoints: Vec::new(),
     }];
     let (cfg, errors) = Config::from_proto("default/waypoint", &[s], &[]);
     assert!(errors.is_empty(), "{errors:?}");

@@ -21,7 +21,7 @@ use super::upstream::{HashInput, Picked, Wire};
 use super::Engine;
 use crate::backend::Downstream;
 use crate::config::{
-    Backend, Config, Protocol, RetryOn, RetryPolicy, Route, TrafficPolicy, WeightedBackend,
+    Backend, Config, Protocol, RetryOn, RetryPolicy, Route, Subset, TrafficPolicy, WeightedBackend,
 };
 
 /// A request body that can be sent again (buffered), or only once (too big to buffer).
@@ -44,7 +44,7 @@ struct Target<'a> {
     backend: &'a Backend,
     port: u16,
     policy: TrafficPolicy,
-    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+    subset: Option<&'a Subset>,
     wire: Wire,
 }
 
@@ -206,7 +206,7 @@ impl Engine {
 
     async fn pick(&self, target: &Target<'_>, hash: &HashInput) -> Result<Picked, Error> {
         let b = target.backend;
-        let subset = b.subset.as_deref().zip(target.labels);
+        let subset = b.subset.as_deref().zip(target.subset);
         self.upstream
             .pick(
                 &b.service,
@@ -241,7 +241,7 @@ impl Engine {
             target.policy,
             target.wire,
         );
-        let labels = target.labels.cloned();
+        let subset = target.subset.cloned();
         let engine = self.me.upgrade();
         let peer = ds.peer;
         tokio::spawn(async move {
@@ -250,7 +250,7 @@ impl Engine {
                 backend: &backend,
                 port,
                 policy,
-                labels: labels.as_ref(),
+                subset: subset.as_ref(),
                 wire,
             };
             let hash = HashInput::of(&target.policy.load_balancer, &parts, peer);
@@ -288,12 +288,12 @@ fn resolve<'a>(
 ) -> Result<Target<'a>, Error> {
     let port = backend.port.unwrap_or(port);
     let svc = cfg.service(&backend.service);
-    let labels = match (&backend.subset, svc) {
+    let subset = match (&backend.subset, svc) {
         (None, _) => None,
-        (Some(name), Some(svc)) => svc.subsets.get(name).map(|s| &s.labels),
+        (Some(name), Some(svc)) => svc.subsets.get(name),
         (Some(_), None) => None,
     };
-    if backend.subset.is_some() && labels.is_none() {
+    if backend.subset.is_some() && subset.is_none() {
         // A subset no DestinationRule defines has no endpoints, as in Envoy.
         return Err(Error::NoHealthyUpstream {
             service: format!(
@@ -314,7 +314,7 @@ fn resolve<'a>(
         backend,
         port,
         policy: cfg.traffic_policy(&backend.service, backend.subset.as_deref()),
-        labels,
+        subset,
         wire,
     })
 }

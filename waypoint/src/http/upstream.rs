@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::body::ReqBody;
 use super::error::Error;
 use crate::backend::{Backends, BoxIo, Endpoint};
-use crate::config::{ConnectionPool, TrafficPolicy};
+use crate::config::{ConnectionPool, Subset, TrafficPolicy};
 
 mod lb;
 mod outlier;
@@ -123,13 +123,13 @@ impl Upstream {
             .clone()
     }
 
-    /// Chooses an endpoint of `service:port` (within `labels` when a subset is named)
+    /// Chooses an endpoint of `service:port` (within the subset when one is named)
     /// and takes the pool-limit permit the request holds until it ends.
     pub async fn pick(
         &self,
         service: &str,
         port: u16,
-        subset: Option<(&str, &std::collections::BTreeMap<String, String>)>,
+        subset: Option<(&str, &Subset)>,
         policy: &TrafficPolicy,
         wire: Wire,
         hash: &HashInput,
@@ -138,9 +138,7 @@ impl Upstream {
             .backends
             .endpoints(service, port)
             .into_iter()
-            .filter(|ep| {
-                subset.is_none_or(|(_, l)| l.iter().all(|(k, v)| ep.labels.get(k) == Some(v)))
-            })
+            .filter(|ep| subset.is_none_or(|(_, s)| s.contains(ep)))
             .collect();
         let no_upstream = || Error::NoHealthyUpstream {
             service: service.to_owned(),

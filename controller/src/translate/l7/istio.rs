@@ -417,6 +417,8 @@ fn upstream(dr: &DestinationRuleSpec) -> Result<(TrafficPolicy, Vec<Subset>), St
                 name: s.name.clone(),
                 labels: s.labels.clone().into_iter().collect(),
                 traffic_policy: s.traffic_policy.as_ref().map(traffic_policy).transpose()?,
+                // Resolved against the service's pods when its config is built.
+                endpoints: Vec::new(),
             })
         })
         .collect::<Result<_, String>>()?;

@@ -60,6 +60,25 @@ apiVersion: v1
 kind: Service
 metadata: {name: ratings, namespace: plain}
 spec: {selector: {app: ratings}, clusterIP: 10.96.1.10, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: details-a, namespace: shop, labels: {app: details, version: v1}}
+spec: {nodeName: node1, serviceAccountName: details}
+status: {podIP: 10.1.0.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: details-b, namespace: shop, labels: {app: details, version: v2}}
+spec: {nodeName: node2, serviceAccountName: details}
+status: {podIP: 10.2.0.21}
+---
+# version v1 too, but not selected by the details Service: in no subset of it.
+apiVersion: v1
+kind: Pod
+metadata: {name: other-v1, namespace: shop, labels: {app: other, version: v1}}
+spec: {nodeName: node2, serviceAccountName: other}
+status: {podIP: 10.2.0.22}
 "#;
 
 const ROUTES: &str = r#"
@@ -266,6 +285,18 @@ fn routes_and_upstream_policy_of_waypoint_services() {
     assert_eq!(reviews.waypoints, ["shop/waypoint"]);
     let ratings = &l7.services["plain/ratings.plain.svc.cluster.local"];
     assert!(ratings.routes.is_empty() && ratings.traffic_policy.is_some());
+    // Subsets carry the uids of the service's pods their labels pick.
+    let details = &l7.services["shop/details.shop.svc.cluster.local"];
+    let subsets: Vec<(&str, &[String])> = (details.subsets.iter())
+        .map(|s| (s.name.as_str(), s.endpoints.as_slice()))
+        .collect();
+    assert_eq!(
+        subsets,
+        [
+            ("v1", &["Kubernetes//Pod/shop/details-a".to_owned()][..]),
+            ("v2", &["Kubernetes//Pod/shop/details-b".to_owned()][..]),
+        ]
+    );
     insta::assert_debug_snapshot!(l7.services);
 }
 

@@ -61,6 +61,7 @@ async fn subsets_select_endpoints_by_label() {
         name: "v1".into(),
         labels: [("version".to_string(), "v1".to_string())].into(),
         traffic_policy: None,
+        endpoints: Vec::new(),
     }];
     let mut wb = backend("reviews", 1);
     wb.backend.as_mut().unwrap().subset = "v1".into();
@@ -70,6 +71,30 @@ async fn subsets_select_endpoints_by_label() {
         assert_eq!(get(wp.addr, "/", &[]).await.server(), "reviews-1");
     }
     assert_eq!(s[0].count(), 0);
+}
+
+// Endpoints from xDS carry no labels: the controller's uid list decides, and the
+// labels are not consulted (no endpoint here has version v7).
+#[tokio::test]
+async fn subsets_select_endpoints_by_the_controllers_uid_list() {
+    let (wp, _b, s) = cluster(3, Behaviour::default()).await;
+    let mut svc = service("reviews", vec![]);
+    svc.subsets = vec![pb::Subset {
+        name: "picked".into(),
+        labels: [("version".to_string(), "v7".to_string())].into(),
+        traffic_policy: None,
+        endpoints: vec!["reviews-0".into(), "reviews-2".into()],
+    }];
+    let mut wb = backend("reviews", 1);
+    wb.backend.as_mut().unwrap().subset = "picked".into();
+    svc.routes = vec![forward("picked-only", vec![wb])];
+    wp.apply(vec![svc]);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        seen.insert(get(wp.addr, "/", &[]).await.server().to_owned());
+    }
+    assert_eq!(seen, ["reviews-0", "reviews-2"].map(String::from).into());
+    assert_eq!(s[1].count(), 0);
 }
 
 #[tokio::test]
